@@ -1,0 +1,23 @@
+"""bsam_optax: Bayesian Sharpness-Aware Minimization (bSAM) for JAX and optax."""
+
+from bsam_optax._bsam import BSAMState
+from bsam_optax._bsam import bsam
+from bsam_optax._bsam import find_bsam_state
+from bsam_optax._bsam import noisy_params
+from bsam_optax._bsam import perturbed_params
+from bsam_optax._bsam import posterior
+from bsam_optax._step import bsam_step
+from bsam_optax._step import make_perturbation_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "BSAMState",
+  "bsam",
+  "bsam_step",
+  "find_bsam_state",
+  "make_perturbation_step",
+  "noisy_params",
+  "perturbed_params",
+  "posterior",
+]
