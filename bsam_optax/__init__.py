@@ -6,6 +6,8 @@ from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params
 from bsam_optax._bsam import perturbed_params
 from bsam_optax._bsam import posterior
+from bsam_optax._posterior import predictive
+from bsam_optax._posterior import sample_posterior
 from bsam_optax._step import bsam_step
 from bsam_optax._step import make_perturbation_step
 
@@ -20,4 +22,6 @@ __all__ = [
   "noisy_params",
   "perturbed_params",
   "posterior",
+  "predictive",
+  "sample_posterior",
 ]

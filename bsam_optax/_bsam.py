@@ -24,7 +24,6 @@ equations above and the paper's Alg. 1 ordering, dividing by the *new* ``s``.
 
 from typing import Any
 from typing import NamedTuple
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from bsam_optax import _noise
 
 Params = Any
 Updates = Any
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ScalarOrSchedule = float | jax.Array | optax.Schedule
 
 __all__ = [
   "BSAMState",
