@@ -96,10 +96,7 @@ def _check_hyperparameters(learning_rate, n_data, rho, b1, b2, weight_decay, dam
 
 
 def _check_params(params) -> None:
-  leaves = jax.tree.leaves(params)
-  if not leaves:
-    raise ValueError("params must contain at least one array")
-  for leaf in leaves:
+  for leaf in jax.tree.leaves(params):
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(

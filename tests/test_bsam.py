@@ -1,0 +1,291 @@
+"""Tests of bsam(), its stages and its state against the seed's equations."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bsam_optax as bo
+from bsam_optax import _noise
+
+HYPER = dict(rho=0.05, b1=0.8, b2=0.95, weight_decay=0.01, damping=0.1, init_scale=2.0)
+
+
+def _params():
+  return {"w": jnp.array([[0.5, -1.0, 2.0], [0.1, 0.0, -0.3]]), "b": jnp.array([0.2, -0.2, 0.7])}
+
+
+def _reference_update(w, gm, s, g, g_eps, *, lr, b1, b2, weight_decay, damping):
+  """The seed's equations, in NumPy float64, in the seed's order."""
+  gm = b1 * gm + (1 - b1) * (g_eps + weight_decay * w)
+  s = b2 * s + (1 - b2) * (np.sqrt(s) * np.abs(g) + weight_decay + damping)
+  w = w - lr * gm / s  # divides by the NEW s (the authors' code uses the old one)
+  return w, gm, s
+
+
+def test_update_matches_independent_restatement_over_steps():
+  params = _params()
+  lr = 0.03
+  tx = bo.bsam(lr, n_data=50, **HYPER)
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  ref = {
+    k: (np.asarray(v, np.float64), np.zeros(v.shape), np.full(v.shape, HYPER["init_scale"])) for k, v in params.items()
+  }
+  for _ in range(5):
+    g = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+    g_eps = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+    updates, state = tx.update(g_eps, state, params, noisy_grads=g)
+    params = optax.apply_updates(params, updates)
+    for k in ref:
+      w, gm, s = ref[k]
+      ref[k] = _reference_update(
+        w, gm, s, g[k], g_eps[k], lr=lr, b1=HYPER["b1"], b2=HYPER["b2"],
+        weight_decay=HYPER["weight_decay"], damping=HYPER["damping"],
+      )  # fmt: skip
+  for k, (w, gm, s) in ref.items():
+    np.testing.assert_allclose(params[k], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.momentum[k], gm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.scale[k], s, rtol=1e-5, atol=1e-6)
+  assert int(state.count) == 5
+
+
+def test_update_uses_schedule_at_count():
+  params = {"w": jnp.ones(4)}
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  tx = bo.bsam(schedule, n_data=10, b1=0.0, b2=0.0, damping=0.0, init_scale=1.0)
+  state = tx.init(params)
+  g = {"w": jnp.full(4, 4.0)}
+  for step in range(3):
+    updates, state = tx.update(g, state, params, noisy_grads=g)
+    # b1 = b2 = 0: g_m = g_eps = 4, so the update is -α(count) · 4 / s_new.
+    np.testing.assert_allclose(updates["w"], -schedule(step) * 4.0 / state.scale["w"], rtol=1e-6)
+
+
+def test_noisy_params_is_mean_plus_scaled_standard_normal():
+  params = _params()
+  tx = bo.bsam(0.1, n_data=7, **HYPER)
+  state = tx.init(params)
+  state = state._replace(scale=jax.tree.map(lambda s: s * jnp.arange(1.0, s.size + 1).reshape(s.shape), state.scale))
+  key = jax.random.key(3)
+  theta = bo.noisy_params(key, params, state)
+  z = _noise.normal_like(key, params)
+  for k in params:
+    expected = params[k] + z[k] / np.sqrt(7 * np.asarray(state.scale[k]))
+    np.testing.assert_allclose(theta[k], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_data,init_scale", [(1, 1.0), (100, 3.0), (50_000, 0.5)])
+def test_noise_is_gaussian_with_variance_one_over_n_s(n_data, init_scale):
+  params = {"a": jnp.full((300, 200), 1.5), "b": jnp.full((40_000,), -2.0)}
+  tx = bo.bsam(0.1, n_data=n_data, init_scale=init_scale)
+  state = tx.init(params)
+  theta = bo.noisy_params(jax.random.key(0), params, state)
+  std = 1.0 / np.sqrt(n_data * init_scale)
+  for k, center in (("a", 1.5), ("b", -2.0)):
+    z = (np.asarray(theta[k], np.float64).ravel() - center) / std
+    n = z.size
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.std() - 1.0) < 5 / np.sqrt(2 * n)
+    assert abs(np.mean(z**3)) < 5 * np.sqrt(15 / n)  # symmetric
+    assert abs(np.mean(z**4) - 3.0) < 5 * np.sqrt(96 / n)  # Gaussian kurtosis
+  # Leaves are not copies of each other.
+  za = np.asarray(theta["a"]).ravel()[:40_000] - 1.5
+  zb = np.asarray(theta["b"]) + 2.0
+  assert abs(np.corrcoef(za, zb)[0, 1]) < 5 / np.sqrt(40_000)
+
+
+def test_noise_determinism_and_key_dependence():
+  params = _params()
+  state = bo.bsam(0.1, 10).init(params)
+  a = bo.noisy_params(jax.random.key(1), params, state)
+  b = bo.noisy_params(jax.random.key(1), params, state)
+  c = bo.noisy_params(jax.random.key(2), params, state)
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a["w"], c["w"])
+  # Raw uint32 keys work too.
+  chex.assert_trees_all_equal(
+    bo.noisy_params(jax.random.PRNGKey(1), params, state), bo.noisy_params(jax.random.PRNGKey(1), params, state)
+  )
+
+
+def test_perturbed_params_is_rho_g_over_s():
+  params = _params()
+  tx = bo.bsam(0.1, n_data=10, **HYPER)
+  state = tx.init(params)
+  g = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) - 1.0, params)
+  adv = bo.perturbed_params(params, state, g)
+  for k in params:
+    np.testing.assert_allclose(adv[k], params[k] + HYPER["rho"] * g[k] / HYPER["init_scale"], rtol=1e-6)
+
+
+def test_rho_schedule_is_evaluated_for_the_next_step():
+  rho = optax.linear_schedule(0.0, 1.0, 4)
+  params = {"w": jnp.zeros(2)}
+  tx = bo.bsam(0.1, n_data=10, rho=rho)
+  state = tx.init(params)
+  g = {"w": jnp.ones(2)}
+  for step in range(3):
+    np.testing.assert_allclose(state.rho, rho(step))
+    _, state = tx.update(g, state, params, noisy_grads=g)
+
+
+def test_posterior_std():
+  params = _params()
+  tx = bo.bsam(0.1, n_data=25, init_scale=4.0)
+  state = tx.init(params)
+  mean, std = bo.posterior(params, state)
+  chex.assert_trees_all_equal(mean, params)
+  for k in params:
+    np.testing.assert_allclose(std[k], np.full(params[k].shape, 1 / np.sqrt(100.0)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
+    lambda tx: optax.chain(optax.identity(), optax.chain(tx)),
+    lambda tx: optax.MultiSteps(tx, every_k_schedule=2),
+  ],
+  ids=["chain-clip", "nested-chain", "multisteps"],
+)
+def test_stages_find_state_inside_pipelines(wrap):
+  params = _params()
+  tx = wrap(bo.bsam(0.1, n_data=10, **HYPER))
+  state = tx.init(params)
+  inner = bo.find_bsam_state(state)
+  assert isinstance(inner, bo.BSAMState)
+  theta = bo.noisy_params(jax.random.key(0), params, state)
+  chex.assert_trees_all_equal(theta, bo.noisy_params(jax.random.key(0), params, bo.bsam(0.1, 10, **HYPER).init(params)))
+  g = jax.tree.map(jnp.ones_like, params)
+  bo.perturbed_params(params, state, g)
+  updates, state = tx.update(g, state, params, noisy_grads=g)
+  chex.assert_trees_all_equal_structs(updates, params)
+
+
+def test_inject_hyperparams_finds_state_and_matches_plain():
+  params = _params()
+  plain = bo.bsam(0.1, n_data=10, **HYPER)
+  injected = optax.inject_hyperparams(bo.bsam)(learning_rate=0.1, n_data=10, **HYPER)
+  sp, si = plain.init(params), injected.init(params)
+  g = jax.tree.map(lambda p: p + 1.0, params)
+  pp = pi = params
+  for _ in range(3):
+    up, sp = plain.update(g, sp, pp, noisy_grads=g)
+    ui, si = injected.update(g, si, pi, noisy_grads=g)
+    pp, pi = optax.apply_updates(pp, up), optax.apply_updates(pi, ui)
+  chex.assert_trees_all_close(pp, pi, rtol=1e-6)
+  chex.assert_trees_all_close(bo.posterior(pp, sp), bo.posterior(pi, si), rtol=1e-6)
+  # Changing the injected rho moves the perturbation.
+  si.hyperparams["rho"] = jnp.asarray(0.5)
+  _, si = injected.update(g, si, pi, noisy_grads=g)
+  np.testing.assert_allclose(bo.find_bsam_state(si).rho, 0.5)
+
+
+def test_masked_bsam_leaves_masked_params_deterministic():
+  params = _params()
+  mask = {"w": True, "b": False}
+  tx = optax.masked(bo.bsam(0.1, n_data=10), mask, mask_compatible_extra_args=True)
+  state = tx.init(params)
+  theta = bo.noisy_params(jax.random.key(0), params, state)
+  np.testing.assert_array_equal(theta["b"], params["b"])
+  assert not np.allclose(theta["w"], params["w"])
+  _, std = bo.posterior(params, state)
+  np.testing.assert_array_equal(std["b"], 0.0)
+  g = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(g, state, params, noisy_grads=g)
+  np.testing.assert_array_equal(updates["b"], g["b"])  # passed through unchanged
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_dtypes_are_preserved(dtype):
+  params = {"w": jnp.ones((3, 4), dtype), "b": jnp.zeros(4, dtype)}
+  tx = bo.bsam(optax.constant_schedule(0.1), n_data=10)
+  state = tx.init(params)
+  theta = bo.noisy_params(jax.random.key(0), params, state)
+  adv = bo.perturbed_params(params, state, theta)
+  updates, state = tx.update(adv, state, params, noisy_grads=theta)
+  for tree in (theta, adv, updates, state.momentum, state.scale, bo.posterior(params, state)[1]):
+    chex.assert_trees_all_equal_dtypes(tree, params)
+
+
+def test_float64_under_x64():
+  with jax.enable_x64(True):
+    params = {"w": jnp.ones(3, jnp.float64)}
+    tx = bo.bsam(0.1, n_data=10)
+    state = tx.init(params)
+    theta = bo.noisy_params(jax.random.key(0), params, state)
+    updates, state = tx.update(theta, state, params, noisy_grads=theta)
+    assert theta["w"].dtype == jnp.float64
+    assert updates["w"].dtype == jnp.float64
+    assert state.scale["w"].dtype == jnp.float64
+
+
+def test_tree_map_params():
+  params = _params()
+  tx = optax.chain(optax.clip(1.0), bo.bsam(0.1, n_data=10))
+  state = tx.init(params)
+  doubled = optax.tree_utils.tree_map_params(tx, lambda p: 2 * p, state)
+  inner = bo.find_bsam_state(doubled)
+  chex.assert_trees_all_close(inner.scale, jax.tree.map(lambda p: jnp.full_like(p, 2.0), params))
+  assert inner.count.dtype == jnp.int32
+
+
+@pytest.mark.parametrize(
+  "kwargs,name",
+  [
+    (dict(n_data=0), "n_data"),
+    (dict(n_data=-3), "n_data"),
+    (dict(rho=-0.1), "rho"),
+    (dict(b1=1.0), "b1"),
+    (dict(b1=-0.1), "b1"),
+    (dict(b2=1.0), "b2"),
+    (dict(b2=1.5), "b2"),
+    (dict(damping=-1.0), "damping"),
+    (dict(weight_decay=-1e-4), "weight_decay"),
+    (dict(init_scale=0.0), "init_scale"),
+    (dict(init_scale=-1.0), "init_scale"),
+    (dict(learning_rate=-0.1), "learning_rate"),
+  ],
+)
+def test_bad_hyperparameters_raise_value_error_naming_them(kwargs, name):
+  args = dict(learning_rate=0.1, n_data=10)
+  args.update(kwargs)
+  lr, n = args.pop("learning_rate"), args.pop("n_data")
+  with pytest.raises(ValueError, match=name):
+    bo.bsam(lr, n, **args)
+
+
+@pytest.mark.parametrize("name", ["n_data", "b1", "init_scale"])
+def test_bad_hyperparameter_types_raise_type_error(name):
+  args = dict(learning_rate=0.1, n_data=10)
+  args[name] = "oops"
+  lr, n = args.pop("learning_rate"), args.pop("n_data")
+  with pytest.raises(TypeError, match=name):
+    bo.bsam(lr, n, **args)
+
+
+def test_update_without_noisy_grads_or_params_raises():
+  params = _params()
+  tx = bo.bsam(0.1, 10)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="noisy_grads"):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, state, noisy_grads=params)
+
+
+def test_integer_params_raise_type_error():
+  with pytest.raises(TypeError, match="params"):
+    bo.bsam(0.1, 10).init({"w": jnp.ones(3, jnp.int32)})
+
+
+def test_stages_without_bsam_state_raise():
+  params = _params()
+  with pytest.raises(ValueError, match="BSAMState"):
+    bo.noisy_params(jax.random.key(0), params, optax.adam(0.1).init(params))
+  two = optax.chain(bo.bsam(0.1, 10), bo.bsam(0.1, 10)).init(params)
+  with pytest.raises(ValueError, match="exactly one"):
+    bo.find_bsam_state(two)
