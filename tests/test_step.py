@@ -1,0 +1,292 @@
+"""Tests of bsam_step: stages, m-sharpness, devices (pmap / shard_map), errors."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+import bsam_optax as bo
+
+N_DEVICES = 8
+
+
+def loss_fn(params, batch):
+  h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+  pred = h @ params["w2"]
+  return jnp.mean((pred[:, 0] - batch["y"]) ** 2)
+
+
+def _problem(batch_size=16, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  params = {
+    "w1": jax.random.normal(k[0], (5, 8)) * 0.5,
+    "b1": jnp.zeros(8),
+    "w2": jax.random.normal(k[1], (8, 1)) * 0.5,
+  }
+  batch = {"x": jax.random.normal(k[2], (batch_size, 5)), "y": jax.random.normal(k[3], (batch_size,))}
+  return params, batch
+
+
+def _tx():
+  return bo.bsam(0.05, n_data=100, rho=0.1, weight_decay=1e-3)
+
+
+def _manual_step(params, state, batch, key, tx, m, offset=0):
+  """bSAM with m-sharpness written out with the public stages, part by part."""
+  size = batch["y"].shape[0] // m
+  g_eps_parts, abs_g_parts = [], []
+  for i in range(m):
+    part = jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch)
+    theta = bo.noisy_params(jax.random.fold_in(key, offset + i), params, state)
+    g = jax.grad(loss_fn)(theta, part)
+    g_eps = jax.grad(loss_fn)(bo.perturbed_params(params, state, g), part)
+    g_eps_parts.append(g_eps)
+    abs_g_parts.append(jax.tree.map(jnp.abs, g))
+  mean = lambda trees: jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)  # noqa: E731
+  updates, state = tx.update(mean(g_eps_parts), state, params, noisy_grads=mean(abs_g_parts))
+  return optax.apply_updates(params, updates), state
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_step_matches_the_stages_written_out(m):
+  params, batch = _problem()
+  tx = _tx()
+  state = tx.init(params)
+  key = jax.random.key(7)
+  step = bo.bsam_step(loss_fn, tx, m=m)
+  p_step, s_step, out = step(params, state, batch, key)
+  p_ref, s_ref = _manual_step(params, state, batch, key, tx, m)
+  chex.assert_trees_all_close(p_step, p_ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s_step, s_ref, rtol=1e-5, atol=1e-6)
+  assert out["loss"].shape == () and out["perturbed_loss"].shape == ()
+
+
+def test_parts_draw_independent_noise():
+  params, _ = _problem()
+  state = _tx().init(params)
+  key = jax.random.key(0)
+  thetas = [bo.noisy_params(jax.random.fold_in(key, i), params, state) for i in range(4)]
+  flat = np.stack([np.concatenate([np.ravel(t[k] - params[k]) for k in sorted(params)]) for t in thetas])
+  corr = np.corrcoef(flat)
+  off_diag = corr[~np.eye(4, dtype=bool)]
+  assert np.all(np.abs(off_diag) < 5 / np.sqrt(flat.shape[1]))
+  # And the step really uses them: identical parts with shared noise would give
+  # the m=1 result; independent noise gives something else.
+  params, batch = _problem(batch_size=8)
+  doubled = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
+  p1, _, _ = bo.bsam_step(loss_fn, _tx(), m=1)(params, state, batch, key)
+  p2, _, _ = bo.bsam_step(loss_fn, _tx(), m=2)(params, state, doubled, key)
+  assert not np.allclose(p1["w1"], p2["w1"], atol=1e-7)
+
+
+def test_same_key_same_result_different_key_differs():
+  params, batch = _problem()
+  tx = _tx()
+  state = tx.init(params)
+  step = bo.bsam_step(loss_fn, tx, m=2)
+  a = step(params, state, batch, jax.random.key(1))
+  b = step(params, state, batch, jax.random.key(1))
+  c = step(params, state, batch, jax.random.key(2))
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a[0]["w1"], c[0]["w1"])
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_scan_equals_vmap(m):
+  params, batch = _problem()
+  tx = _tx()
+  state = tx.init(params)
+  key = jax.random.key(3)
+  a = bo.bsam_step(loss_fn, tx, m=m, split="vmap")(params, state, batch, key)
+  b = bo.bsam_step(loss_fn, tx, m=m, split="scan")(params, state, batch, key)
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_has_aux_is_averaged_over_parts():
+  params, batch = _problem()
+  tx = _tx()
+  state = tx.init(params)
+
+  def loss_with_aux(p, b):
+    return loss_fn(p, b), {"batch_mean": jnp.mean(b["x"], axis=0), "perturbed": p["b1"]}
+
+  for aux_from in ("noisy", "perturbed"):
+    step = bo.bsam_step(loss_with_aux, tx, m=4, has_aux=True, aux_from=aux_from)
+    _, _, out = step(params, state, batch, jax.random.key(0))
+    np.testing.assert_allclose(out["aux"]["batch_mean"], jnp.mean(batch["x"], axis=0), rtol=1e-5, atol=1e-6)
+  # The aux of the noisy pass sees θ, the perturbed pass sees ω + ε.
+  theta0 = bo.noisy_params(jax.random.fold_in(jax.random.key(0), 0), params, state)
+  _, _, out = bo.bsam_step(loss_with_aux, tx, m=1, has_aux=True, aux_from="noisy")(
+    params, state, batch, jax.random.key(0)
+  )
+  np.testing.assert_allclose(out["aux"]["perturbed"], theta0["b1"], rtol=1e-6)
+
+
+def test_loss_args_reach_every_part_unsplit():
+  params, batch = _problem()
+  tx = _tx()
+  state = tx.init(params)
+  step = bo.bsam_step(lambda p, b, scale: scale * loss_fn(p, b), tx, m=2)
+  _, _, out1 = step(params, state, batch, jax.random.key(0), 1.0)
+  _, _, out3 = step(params, state, batch, jax.random.key(0), 3.0)
+  np.testing.assert_allclose(out3["loss"], 3 * out1["loss"], rtol=1e-6)
+
+
+def test_no_recompilation_across_steps():
+  params, batch = _problem()
+  tx = optax.chain(optax.clip_by_global_norm(1.0), _tx())
+  state = tx.init(params)
+  step = bo.bsam_step(loss_fn, tx, m=2)
+  for i in range(3):
+    params, state, _ = step(params, state, batch, jax.random.fold_in(jax.random.key(0), i))
+  assert step._cache_size() == 1
+
+
+def test_donation_gives_the_same_result():
+  params, batch = _problem()
+  tx = _tx()
+  state = tx.init(params)
+  expected = bo.bsam_step(loss_fn, tx, m=2)(params, state, batch, jax.random.key(0))
+  copy = jax.tree.map(jnp.array, (params, state))
+  got = bo.bsam_step(loss_fn, tx, m=2, donate=True)(*copy, batch, jax.random.key(0))
+  chex.assert_trees_all_equal(expected, got)
+
+
+def test_training_reduces_the_loss():
+  params, batch = _problem(batch_size=64)
+  tx = bo.bsam(0.05, n_data=64, rho=0.01)
+  state = tx.init(params)
+  step = bo.bsam_step(loss_fn, tx, m=2)
+  first = float(loss_fn(params, batch))
+  for i in range(300):
+    params, state, _ = step(params, state, batch, jax.random.fold_in(jax.random.key(0), i))
+  assert float(loss_fn(params, batch)) < 0.5 * first
+
+
+# -- devices ---------------------------------------------------------------
+
+
+def _replicate(tree, n):
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+
+
+def _shard(batch, n):
+  return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+
+
+def test_eight_simulated_devices_are_available():
+  assert jax.device_count() >= N_DEVICES, "tests/conftest.py must set XLA_FLAGS before JAX is imported"
+
+
+@pytest.mark.parametrize("devices,m_local", [(8, 1), (4, 2), (2, 4)])
+def test_pmap_equals_vmap(devices, m_local):
+  params, batch = _problem(batch_size=32)
+  tx = _tx()
+  state = tx.init(params)
+  key = jax.random.key(11)
+  p_ref, s_ref, out_ref = bo.bsam_step(loss_fn, tx, m=devices * m_local)(params, state, batch, key)
+  step = jax.pmap(bo.bsam_step(loss_fn, tx, m=m_local, axis_name="d"), axis_name="d", devices=jax.devices()[:devices])
+  p, s, out = step(
+    _replicate(params, devices), _replicate(state, devices), _shard(batch, devices), _replicate(key, devices)
+  )
+  for i in range(devices):  # replicas stay identical ...
+    chex.assert_trees_all_equal(jax.tree.map(lambda x, i=i: x[i], (p, s)), jax.tree.map(lambda x: x[0], (p, s)))
+  # ... and equal the single-device m = devices * m_local step.
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], (p, s)), (p_ref, s_ref), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["loss"][0], out_ref["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("devices,m_local", [(8, 1), (4, 2)])
+def test_shard_map_equals_vmap(devices, m_local):
+  params, batch = _problem(batch_size=32)
+  tx = _tx()
+  state = tx.init(params)
+  key = jax.random.key(11)
+  p_ref, s_ref, _ = bo.bsam_step(loss_fn, tx, m=devices * m_local)(params, state, batch, key)
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+  step = bo.bsam_step(loss_fn, tx, m=m_local, axis_name="data", mesh=mesh)
+  p, s, _ = step(params, state, batch, key)
+  chex.assert_trees_all_close((p, s), (p_ref, s_ref), rtol=1e-5, atol=1e-6)
+  # Placed on the mesh (replicated state, sharded batch), several steps compile once.
+  replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+  p, s = jax.device_put((params, state), replicated)
+  batch = jax.device_put(batch, sharded)
+  p, s, _ = step(p, s, batch, jax.device_put(key, replicated))
+  compiled = step._cache_size()
+  for i in range(2):
+    p, s, _ = step(p, s, batch, jax.device_put(jax.random.fold_in(key, i), replicated))
+  assert step._cache_size() == compiled
+  assert p["w1"].sharding.is_fully_replicated
+
+
+# -- bad input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m,error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_m(m, error):
+  with pytest.raises(error, match="m must"):
+    bo.bsam_step(loss_fn, _tx(), m=m)
+
+
+def test_batch_not_divisible_by_m_names_both_numbers():
+  params, batch = _problem(batch_size=10)
+  tx = _tx()
+  step = bo.bsam_step(loss_fn, tx, m=4)
+  with pytest.raises(ValueError, match=r"batch size 10 is not divisible by m=4"):
+    step(params, tx.init(params), batch, jax.random.key(0))
+
+
+def test_batch_leaves_with_different_sizes():
+  params, batch = _problem(batch_size=8)
+  batch["y"] = batch["y"][:6]
+  tx = _tx()
+  with pytest.raises(ValueError, match="leading batch size"):
+    bo.bsam_step(loss_fn, tx)(params, tx.init(params), batch, jax.random.key(0))
+
+
+def test_mesh_batch_not_divisible_by_devices():
+  params, batch = _problem(batch_size=12)
+  tx = _tx()
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  step = bo.bsam_step(loss_fn, tx, axis_name="data", mesh=mesh)
+  with pytest.raises(ValueError, match=r"global batch size 12 .* 8 devices"):
+    step(params, tx.init(params), batch, jax.random.key(0))
+
+
+def test_mesh_axis_errors():
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  with pytest.raises(ValueError, match="axis_name"):
+    bo.bsam_step(loss_fn, _tx(), mesh=mesh)
+  with pytest.raises(ValueError, match="not an axis"):
+    bo.bsam_step(loss_fn, _tx(), axis_name="model", mesh=mesh)
+
+
+def test_axis_name_without_pmap_is_explained():
+  params, batch = _problem()
+  tx = _tx()
+  step = jax.jit(bo.bsam_step(loss_fn, tx, axis_name="d"))
+  with pytest.raises(ValueError, match="jax.pmap"):
+    step(params, tx.init(params), batch, jax.random.key(0))
+
+
+def test_bad_step_arguments():
+  with pytest.raises(TypeError, match="loss_fn"):
+    bo.bsam_step("not a function", _tx())
+  with pytest.raises(TypeError, match="tx"):
+    bo.bsam_step(loss_fn, lambda x: x)
+  with pytest.raises(ValueError, match="aux_from"):
+    bo.bsam_step(loss_fn, _tx(), aux_from="both")
+  with pytest.raises(ValueError, match="split"):
+    bo.bsam_step(loss_fn, _tx(), m=2, split="loop")
+
+
+def test_step_without_bsam_in_tx():
+  params, batch = _problem()
+  tx = optax.adam(0.1)
+  with pytest.raises(ValueError, match="BSAMState"):
+    bo.bsam_step(loss_fn, tx)(params, tx.init(params), batch, jax.random.key(0))
