@@ -34,7 +34,7 @@ from bsam_optax import _noise
 
 Params = Any
 Updates = Any
-ScalarOrSchedule = float | jax.Array | optax.Schedule
+ScalarOrSchedule = optax.ScalarOrSchedule
 
 __all__ = [
   "BSAMState",

@@ -93,6 +93,7 @@ def make_perturbation_step(
   mesh: Mesh | None = None,
   has_aux: bool = False,
   aux_from: Literal["first", "second"] = "second",
+  thread_aux: bool = False,
   noisy_grads: bool = False,
   split: Literal["vmap", "scan"] = "vmap",
   donate: bool = False,
@@ -124,6 +125,10 @@ def make_perturbation_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     aux_from: which gradient's pass provides ``aux`` ("first" or "second").
       ``aux`` is averaged over parts and devices (e.g. BatchNorm statistics).
+    thread_aux: pass the first pass's ``aux`` to the second pass in place of
+      the first of ``loss_args`` (mutable state, such as BatchNorm
+      statistics, updated by both passes in turn). Needs ``has_aux`` and at
+      least one loss_arg.
     noisy_grads: pass ``mean_i |g_i|`` to ``tx.update`` as ``noisy_grads=``.
     split: evaluate the m parts side by side (``"vmap"``) or one after the
       other (``"scan"``: gradient accumulation, the memory of one part). Both
@@ -141,10 +146,12 @@ def make_perturbation_step(
   _check_m(m)
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-  if not isinstance(tx, optax.GradientTransformation):
-    raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}")
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(f"tx must be an optax.GradientTransformation (or MultiSteps), got {type(tx).__name__}")
   if aux_from not in ("first", "second"):
     raise ValueError(f"aux_from must be 'first' or 'second', got {aux_from!r}")
+  if thread_aux and not has_aux:
+    raise ValueError("thread_aux=True needs has_aux=True: the first pass's aux becomes the second pass's loss_args[0]")
   if split not in ("vmap", "scan"):
     raise ValueError(f"split must be 'vmap' or 'scan', got {split!r}")
   if mesh is not None and axis_name is None:
@@ -168,7 +175,8 @@ def make_perturbation_step(
       second_loss, second_aux, g_second = loss, aux, g
     else:
       y = second_point(params, opt_state, g)
-      second_loss, second_aux, g_second = evaluate(y, part, loss_args)
+      second_args = (aux,) + tuple(loss_args[1:]) if thread_aux else loss_args
+      second_loss, second_aux, g_second = evaluate(y, part, second_args)
     result = {loss_names[0]: loss, loss_names[1]: second_loss, "grads": g_second}
     if noisy_grads:
       result["abs_grads"] = jax.tree.map(jnp.abs, g)
@@ -177,6 +185,8 @@ def make_perturbation_step(
     return result
 
   def local_step(params, opt_state, batch, key, *loss_args):
+    if thread_aux and not loss_args:
+      raise ValueError("thread_aux=True needs a loss_arg to thread (the step's first loss_arg, e.g. batch_stats)")
     offset = _part_offset(axis_name, m)
     parts = _split(batch, m)
     if m == 1:
@@ -241,6 +251,7 @@ def bsam_step(
   mesh: Mesh | None = None,
   has_aux: bool = False,
   aux_from: Literal["noisy", "perturbed"] = "perturbed",
+  thread_aux: bool = False,
   split: Literal["vmap", "scan"] = "vmap",
   donate: bool = False,
 ):
@@ -271,6 +282,9 @@ def bsam_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     aux_from: which pass's ``aux`` to return, averaged over parts and devices:
       ``"noisy"`` (at θ) or ``"perturbed"`` (at ω + ε).
+    thread_aux: feed the noisy pass's ``aux`` to the perturbed pass as its
+      first loss_arg, so that mutable state (BatchNorm statistics) is updated
+      by both passes in turn, as in the authors' code.
     split: ``"vmap"`` (parts side by side) or ``"scan"`` (one after another:
       gradient accumulation with the peak memory of one part).
     donate: donate ``params`` and ``opt_state`` buffers to the step.
@@ -302,6 +316,7 @@ def bsam_step(
     mesh=mesh,
     has_aux=has_aux,
     aux_from="first" if aux_from == "noisy" else "second",
+    thread_aux=thread_aux,
     noisy_grads=True,
     split=split,
     donate=donate,
