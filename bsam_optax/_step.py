@@ -16,6 +16,7 @@ takes the two point rules; :func:`bsam_step` plugs in
 """
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -40,7 +41,7 @@ __all__ = ["bsam_step", "make_perturbation_step"]
 
 
 def _check_m(m) -> None:
-  if isinstance(m, bool) or not isinstance(m, int):
+  if isinstance(m, bool) or not isinstance(m, numbers.Integral):
     raise TypeError(f"m must be an int (the number of m-sharpness parts), got {m!r}")
   if m < 1:
     raise ValueError(f"m must be >= 1, got {m}")
