@@ -79,8 +79,47 @@ def _part_offset(axis_name: str | None, m: int):
     ) from err
 
 
+def _mean_over_leading_axis(x):
+  # A pairwise sum of slices, not jnp.mean(x, axis=0): XLA:CPU lowers a reduce
+  # over the leading axis of a (m, ...) array to a slow reduction kernel (28 ms
+  # vs 0.3 ms for m=8 and a 784x500 leaf, see benchmarks/results/cost.md),
+  # while slices and adds fuse into one elementwise loop on every backend.
+  # Low-precision leaves are summed in float32, as jnp.mean does.
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.mean(x, axis=0)
+  m = x.shape[0]
+  total = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  while total.shape[0] > 1:
+    half = total.shape[0] // 2
+    pairs = total[:half] + total[half : 2 * half]
+    if total.shape[0] % 2:
+      pairs = jnp.concatenate([pairs[:1] + total[2 * half :], pairs[1:]])
+    total = pairs
+  return (total[0] / m).astype(x.dtype)
+
+
+def _as_varying(tree, axis_name: str | None):
+  """Marks replicated leaves as varying over ``axis_name`` before a gradient is taken.
+
+  Under ``jax.shard_map`` the gradient with respect to a replicated (device-
+  invariant) input is summed over the devices; a point that does not depend
+  on the device (e.g. SAM's first point, ω itself) must be made varying so
+  that each device gets the gradient of its own part. A no-op under pmap.
+  """
+  if axis_name is None:
+    return tree
+
+  def cast(x):
+    try:
+      return jax.lax.pcast(x, axis_name, to="varying")
+    except ValueError:  # already varying (e.g. it depends on the part's gradient)
+      return x
+
+  return jax.tree.map(cast, tree)
+
+
 def _mean_over_parts(tree):
-  return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+  return jax.tree.map(_mean_over_leading_axis, tree)
 
 
 def make_perturbation_step(
@@ -163,6 +202,7 @@ def make_perturbation_step(
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def evaluate(x, part, loss_args):
+    x = _as_varying(x, axis_name)
     if has_aux:
       (loss, aux), grads = value_and_grad(x, part, *loss_args)
     else:
