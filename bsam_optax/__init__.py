@@ -13,6 +13,13 @@ from bsam_optax._data import iterate_batches
 from bsam_optax._data import load_dataset
 from bsam_optax._posterior import predictive
 from bsam_optax._posterior import sample_posterior
+from bsam_optax._sam import asam_perturbed_params
+from bsam_optax._sam import asam_step
+from bsam_optax._sam import bsam_no_noise_step
+from bsam_optax._sam import random_perturbed_params
+from bsam_optax._sam import random_sam_step
+from bsam_optax._sam import sam_perturbed_params
+from bsam_optax._sam import sam_step
 from bsam_optax._step import bsam_step
 from bsam_optax._step import make_perturbation_step
 
@@ -22,7 +29,10 @@ __all__ = [
   "BSAMState",
   "Dataset",
   "Split",
+  "asam_perturbed_params",
+  "asam_step",
   "bsam",
+  "bsam_no_noise_step",
   "bsam_step",
   "epoch_batches",
   "find_bsam_state",
@@ -33,5 +43,9 @@ __all__ = [
   "perturbed_params",
   "posterior",
   "predictive",
+  "random_perturbed_params",
+  "random_sam_step",
   "sample_posterior",
+  "sam_perturbed_params",
+  "sam_step",
 ]
