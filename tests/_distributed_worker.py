@@ -1,0 +1,132 @@
+"""One process of the multi-process tests in test_distributed.py (run as a script).
+
+``python _distributed_worker.py train --coordinator H:P --num-processes 2 --process-id I --out DIR``
+joins the run, trains :func:`problem` for a few bSAM steps over a global mesh
+(m=1 per device), saves params and optimizer state with orbax (all processes
+write their share of one checkpoint), restores it onto the same mesh and checks
+it, and (process 0) writes the final arrays to ``DIR/result.npz``.
+``... init ...`` only joins the run (for the error tests).
+
+The test imports :func:`problem` and :func:`global_batches` for its
+single-process references, so both sides train the same thing.
+"""
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STEPS = 3
+GLOBAL_BATCH = 16
+N_DATA = 64
+SEED = 0
+
+
+def problem():
+  """A tiny tanh MLP regression: (loss_fn, tx, params, key)."""
+  import bsam_optax as bo
+
+  def loss_fn(params, batch):
+    h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)
+
+  k_w1, k_w2 = jax.random.split(jax.random.key(SEED + 1))
+  params = {
+    "w1": 0.5 * jax.random.normal(k_w1, (5, 8)),
+    "b1": jnp.zeros(8),
+    "w2": 0.5 * jax.random.normal(k_w2, (8, 1)),
+  }
+  tx = bo.bsam(0.05, n_data=N_DATA, rho=0.05)
+  return loss_fn, tx, params, jax.random.key(SEED)
+
+
+def global_batches():
+  """The same STEPS global batches in every process (numpy, no device)."""
+  rng = np.random.default_rng(SEED)
+  x = rng.normal(size=(STEPS, GLOBAL_BATCH, 5)).astype(np.float32)
+  y = np.sin(x.sum(-1, keepdims=True)).astype(np.float32)
+  return [{"x": x[t], "y": y[t]} for t in range(STEPS)]
+
+
+def result_arrays(params, state):
+  """The arrays the test compares, as a flat dict of numpy arrays."""
+  import bsam_optax as bo
+
+  bsam_state = bo.find_bsam_state(state)
+  out = {"count": np.asarray(bsam_state.count)}
+  for name in params:
+    out[f"params/{name}"] = np.asarray(params[name])
+    out[f"scale/{name}"] = np.asarray(bsam_state.scale[name])
+    out[f"momentum/{name}"] = np.asarray(bsam_state.momentum[name])
+  return out
+
+
+def _train(args) -> None:
+  import orbax.checkpoint as ocp
+
+  import bsam_optax as bo
+  from bsam_optax import _distributed as dist
+
+  mesh = dist.data_mesh("data")
+  pid, nproc = jax.process_index(), jax.process_count()
+  assert nproc == args.num_processes and mesh.size == 4, (nproc, mesh)
+  loss_fn, tx, params, key = problem()
+  params, state = dist.replicate((params, tx.init(params)), mesh)
+  step = bo.bsam_step(loss_fn, tx, m=1, axis_name="data", mesh=mesh)
+  rows = GLOBAL_BATCH // nproc
+  for t, batch in enumerate(global_batches()):
+    local = jax.tree.map(lambda x: x[pid * rows : (pid + 1) * rows], batch)
+    params, state, _ = step(params, state, dist.shard_batch(local, mesh, "data"), jax.random.fold_in(key, t))
+
+  # every process writes its share of one checkpoint; orbax syncs the processes
+  path = os.path.join(os.path.abspath(args.out), "checkpoint")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state})
+  restored = checkpointer.restore(path, abstract)
+  expected = {"params": params, "opt_state": state}
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(dist.to_host(a), dist.to_host(b))), restored, expected)
+  assert all(jax.tree.leaves(same)), same
+  assert jax.tree.structure(restored) == jax.tree.structure(expected), jax.tree.structure(restored)
+  assert all(
+    r.sharding == e.sharding for r, e in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True)
+  )
+
+  host = result_arrays(dist.to_host(params), dist.to_host(state))
+  if pid == 0:
+    np.savez(os.path.join(args.out, "result.npz"), **host)
+  print(f"process {pid}: done", flush=True)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("mode", choices=["train", "init"])
+  parser.add_argument("--coordinator", required=True)
+  parser.add_argument("--num-processes", type=int, required=True)
+  parser.add_argument("--process-id", type=int, required=True)
+  parser.add_argument("--timeout", type=float, default=30.0)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+
+  from bsam_optax import _distributed as dist
+
+  dist.initialize(
+    args.coordinator,
+    args.num_processes,
+    args.process_id,
+    timeout_s=args.timeout,
+    heartbeat_timeout_s=10,
+    shutdown_timeout_s=10,
+  )
+  if args.mode == "init":
+    print(f"process {args.process_id}: joined, {jax.process_count()} processes", flush=True)
+    return
+  _train(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,264 @@
+"""Tests for _distributed.py: bSAM across real processes (jax.distributed, gloo on CPU).
+
+The multi-process tests launch ``tests/_distributed_worker.py`` as child
+processes, each with 2 simulated CPU devices and its own environment (this
+test process has 8, see conftest.py), joined through a coordinator on
+127.0.0.1. Every child runs under a timeout and is killed on failure.
+"""
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import _distributed_worker as worker
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+import bsam_optax as bo
+from bsam_optax import _distributed as dist
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distributed_worker.py")
+# float32; the processes' pmean sums the devices' gradients in another order
+RTOL = ATOL = 1e-6
+RUN_TIMEOUT_S = 120
+
+
+def _gloo_available() -> bool:
+  from jax._src.lib import _jax
+
+  return hasattr(_jax, "make_gloo_tcp_collectives")
+
+
+pytestmark = pytest.mark.skipif(
+  not _gloo_available(), reason="this jaxlib has no gloo CPU collectives: processes cannot meet on CPU"
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _child_env() -> dict:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_"))}
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=2"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _run(tmp_path, commands, timeout_s):
+  """Runs the worker commands side by side; returns [(returncode, output)], killing all on timeout."""
+  procs, logs = [], []
+  try:
+    for i, args in enumerate(commands):
+      log = open(tmp_path / f"process_{i}.log", "w+")
+      logs.append(log)
+      procs.append(
+        subprocess.Popen([sys.executable, WORKER, *args], env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+      )
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+      proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"processes still running after {timeout_s} s: {_outputs(procs, logs)}")
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  results = list(zip([p.returncode for p in procs], _outputs(procs, logs), strict=True))
+  for log in logs:
+    log.close()
+  return results
+
+
+def _outputs(procs, logs):
+  outs = []
+  for log in logs:
+    log.flush()
+    log.seek(0)
+    # drop the C++ stack frames of a fatal error; keep the messages
+    outs.append("\n".join(line for line in log.read().splitlines() if not line.startswith("    @ ")))
+  return outs
+
+
+def _args(mode, port, num_processes, process_id, *extra):
+  return [mode, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes)] + [
+    "--process-id",
+    str(process_id),
+    *extra,
+  ]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """2 processes x 2 devices train worker.problem() over a 4-device mesh, m=1; checkpoint included."""
+  out = tmp_path_factory.mktemp("two_processes")
+  port = _free_port()
+  start = time.monotonic()
+  results = _run(out, [_args("train", port, 2, i, "--out", str(out)) for i in range(2)], RUN_TIMEOUT_S)
+  elapsed = time.monotonic() - start
+  for i, (code, text) in enumerate(results):
+    assert code == 0, f"process {i} exited with {code}:\n{text[-4000:]}"
+    assert f"process {i}: done" in text
+  print(f"two-process run: {elapsed:.1f} s")
+  return out, dict(np.load(out / "result.npz"))
+
+
+@functools.cache
+def _problem():
+  return worker.problem()
+
+
+@functools.cache
+def _step(m, num_devices=None):
+  loss_fn, tx, _, _ = _problem()
+  if num_devices is None:
+    return bo.bsam_step(loss_fn, tx, m=m)
+  return bo.bsam_step(loss_fn, tx, m=m, axis_name="data", mesh=dist.data_mesh("data", jax.devices()[:num_devices]))
+
+
+def _train_here(m, num_devices=None, batches=None):
+  _, tx, params, key = _problem()
+  state = tx.init(params)
+  step = _step(m, num_devices)
+  for t, batch in enumerate(worker.global_batches() if batches is None else batches):
+    params, state, _ = step(params, state, batch, jax.random.fold_in(key, t))
+  return params, state
+
+
+def _assert_close(result, reference):
+  assert result.keys() == reference.keys()
+  diffs = {name: float(np.max(np.abs(result[name] - reference[name]))) for name in result}
+  print("max abs diff:", max(diffs.values()), diffs)
+  for name in result:
+    np.testing.assert_allclose(result[name], reference[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_two_processes_equal_one_process_with_four_devices(two_process_run):
+  _, result = two_process_run
+  params, state = _train_here(1, num_devices=4)
+  _assert_close(result, worker.result_arrays(dist.to_host(params), dist.to_host(state)))
+  assert int(result["count"]) == worker.STEPS
+
+
+def test_two_processes_equal_m4_on_one_device(two_process_run):
+  _, result = two_process_run
+  reference = worker.result_arrays(*dist.to_host(_train_here(4)))
+  _assert_close(result, reference)
+  # the comparison can see a wrong part order: the processes' rows swapped move the result far more than the tolerance
+  half = worker.GLOBAL_BATCH // 2
+  swapped = [jax.tree.map(lambda x: np.concatenate([x[half:], x[:half]]), b) for b in worker.global_batches()]
+  other = worker.result_arrays(*dist.to_host(_train_here(4, batches=swapped)))
+  sensitivity = max(np.max(np.abs(result[k] - other[k])) for k in result)
+  print("max abs diff with the processes' rows swapped:", sensitivity)
+  assert sensitivity > 1e3 * ATOL
+
+
+def test_checkpoint_from_two_processes_restores_into_one(two_process_run):
+  out, result = two_process_run
+  _, tx, params, key = _problem()
+  target = {"params": params, "opt_state": tx.init(params)}
+  mesh = dist.data_mesh("data", jax.devices()[:4])
+  replicated = NamedSharding(mesh, PartitionSpec())
+  checkpointer = ocp.StandardCheckpointer()
+  one_device = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  on_mesh = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), one_device)
+  for abstract in (one_device, on_mesh):
+    restored = checkpointer.restore(out / "checkpoint", abstract)
+    assert isinstance(restored["opt_state"], bo.BSAMState)
+    host = worker.result_arrays(dist.to_host(restored["params"]), dist.to_host(restored["opt_state"]))
+    for name in result:
+      np.testing.assert_array_equal(host[name], result[name], err_msg=name)
+  # and training goes on from it in this process
+  batch = worker.global_batches()[0]
+  _, s, out_ = _step(1, 4)(restored["params"], restored["opt_state"], batch, jax.random.fold_in(key, worker.STEPS))
+  assert int(s.count) == worker.STEPS + 1 and np.isfinite(float(out_["loss"]))
+
+
+def test_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
+  start = time.monotonic()
+  [(code, text)] = _run(tmp_path, [_args("init", _free_port(), 2, 1, "--timeout", "2")], 60)
+  assert code != 0 and "ConnectionError: cannot reach the coordinator" in text, text[-3000:]
+  assert time.monotonic() - start < 45
+
+
+def test_missing_process_exits_with_a_message(tmp_path):
+  [(code, text)] = _run(tmp_path, [_args("init", _free_port(), 2, 0, "--timeout", "2")], 60)
+  assert code == dist.INIT_TIMEOUT_EXIT_CODE, text[-3000:]
+  assert "not all processes joined within" in text
+
+
+def test_mismatched_number_of_processes_is_an_error_on_all(tmp_path):
+  port = _free_port()
+  results = _run(
+    tmp_path, [_args("init", port, 2, 0, "--timeout", "20"), _args("init", port, 3, 1, "--timeout", "20")], 60
+  )
+  for code, text in results:
+    assert code != 0 and "ValueError: processes disagree on the number of processes" in text, text[-3000:]
+
+
+def test_shard_batch_checks_divisibility():
+  mesh = dist.data_mesh("data")  # this process's 8 devices
+  with pytest.raises(ValueError, match="not divisible by the number of parts: 8 devices"):
+    dist.shard_batch({"x": np.zeros((12, 3))}, mesh, "data")
+  with pytest.raises(ValueError, match=r"x m=2 = 16"):
+    dist.shard_batch({"x": np.zeros((8, 3))}, mesh, "data", m=2)
+  with pytest.raises(ValueError, match="not an axis of the mesh"):
+    dist.shard_batch({"x": np.zeros((8, 3))}, mesh, "batch")
+  batch = dist.shard_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh, "data")
+  assert batch["x"].sharding == NamedSharding(mesh, PartitionSpec("data"))
+  np.testing.assert_array_equal(dist.to_host(batch)["x"], np.arange(16.0).reshape(8, 2))
+
+
+def test_replicate_and_to_host_round_trip():
+  mesh = dist.data_mesh("data", jax.devices()[:4])
+  tree = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "key": jax.random.key(3)}
+  placed = dist.replicate(tree, mesh)
+  assert placed["w"].sharding.is_fully_replicated and len(placed["w"].sharding.device_set) == 4
+  assert jax.dtypes.issubdtype(placed["key"].dtype, jax.dtypes.prng_key)
+  back = dist.to_host(placed)
+  np.testing.assert_array_equal(back["w"], tree["w"])
+  np.testing.assert_array_equal(back["key"], jax.random.key_data(tree["key"]))
+
+
+def test_data_mesh_orders_devices_by_process():
+  mesh = dist.data_mesh("data", list(reversed(jax.devices())))
+  assert [d.id for d in mesh.devices] == sorted(d.id for d in jax.devices())
+  assert mesh.axis_names == ("data",)
+
+
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
+    ({"coordinator_address": "nohostport", "num_processes": 2, "process_id": 0}, ValueError, "host:port"),
+    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, ValueError, "process_id must be in"),
+    ({"coordinator_address": "h:1", "num_processes": 0, "process_id": 0}, ValueError, "num_processes must be >= 1"),
+    ({"coordinator_address": "h:1", "num_processes": 2.0, "process_id": 0}, TypeError, "must be an int"),
+    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 0, "timeout_s": 0}, ValueError, "timeout_s"),
+  ],
+)
+def test_initialize_rejects_bad_arguments_before_connecting(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    dist.initialize(**kwargs)
+
+
+def test_initialize_reads_the_environment(monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "h:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "5")
+  with pytest.raises(ValueError, match="process_id must be in 0 .. num_processes-1 = 1, got 5"):
+    dist.initialize()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+    dist.initialize()
