@@ -11,6 +11,7 @@ from bsam_optax._data import Split
 from bsam_optax._data import epoch_batches
 from bsam_optax._data import iterate_batches
 from bsam_optax._data import load_dataset
+from bsam_optax._noise import hash_prng_impl
 from bsam_optax._posterior import predictive
 from bsam_optax._posterior import sample_posterior
 from bsam_optax._sam import asam_perturbed_params
@@ -36,6 +37,7 @@ __all__ = [
   "bsam_step",
   "epoch_batches",
   "find_bsam_state",
+  "hash_prng_impl",
   "iterate_batches",
   "load_dataset",
   "make_perturbation_step",

@@ -262,9 +262,10 @@ def _map_unmasked(fn, scale, *trees):
 def noisy_params(key: jax.Array, params: Params, opt_state) -> Params:
   """Draws θ ~ N(ω, 1 / (N s)) for the first gradient of a bSAM step.
 
-  The draw is one standard-normal vector for all leaves (see
-  :mod:`bsam_optax._noise`); the generator is the one of ``key``'s
-  implementation, e.g. ``jax.random.key(0, impl="rbg")``.
+  Each leaf gets its own standard-normal draw from ``fold_in(key, leaf
+  index)`` (see :mod:`bsam_optax._noise`); the generator is the one of
+  ``key``'s implementation: threefry for ``jax.random.key(seed)``, or the
+  several times faster ``jax.random.key(seed, impl=bsam_optax.hash_prng_impl)``.
 
   Args:
     key: a PRNG key; the only source of randomness.
