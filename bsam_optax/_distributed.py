@@ -10,6 +10,8 @@ module is the glue around :func:`~bsam_optax.bsam_step` with ``mesh=``::
   params, state = replicate((params, state), mesh)
   for t, local_batch in enumerate(this_process_share):
     batch = shard_batch(local_batch, mesh, "data", m=m)   # the global batch
+    # or, if every process holds the whole global batch:
+    # batch = shard_global_batch(global_batch, mesh, "data", m=m)
     params, state, out = step(params, state, batch, fold_in(key, t))
   params = to_host(params)
 
@@ -49,6 +51,7 @@ __all__ = [
   "initialize",
   "replicate",
   "shard_batch",
+  "shard_global_batch",
   "to_host",
 ]
 
@@ -188,7 +191,8 @@ def initialize(
 
   Example (two processes, each with its own ``process_id``)::
 
-    bsam_optax.distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=0)
+    from bsam_optax import _distributed as dist
+    dist.initialize("10.0.0.1:1234", num_processes=2, process_id=0)
   """
   coordinator_address = coordinator_address or os.environ.get(_ENV_ADDRESS) or None
   num_processes = _env_int(_ENV_NUM_PROCESSES, num_processes)
@@ -296,6 +300,48 @@ def shard_batch(local_batch, mesh: Mesh, axis_name: str = "data", *, m: int = 1)
     lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x), (global_size,) + np.shape(x)[1:]),
     local_batch,
   )
+
+
+def shard_global_batch(global_batch, mesh: Mesh, axis_name: str = "data", *, m: int = 1, batch_axis: int = 0):
+  """Shards a batch that every process holds whole, materializing only this process's rows.
+
+  For data every host has in memory (small, offline data sets; keyed
+  shuffles that every process computes alike): each process passes the same
+  global batch and keeps only the rows of its own devices. ``batch_axis=1``
+  shards a stack of batches ``(steps, batch, ...)`` for a ``lax.scan`` over
+  steps.
+
+  Args:
+    global_batch: a pytree of arrays, the same on every process.
+    mesh: the mesh of the step.
+    axis_name: the mesh axis the batch is sharded along.
+    m: the step's m-sharpness parts per device, to check divisibility.
+    batch_axis: the batch axis of the leaves.
+
+  Returns:
+    A pytree of ``jax.Array`` sharded along ``axis_name`` on ``batch_axis``.
+  """
+  leaves = jax.tree.leaves(global_batch)
+  if not leaves:
+    raise ValueError("global_batch must contain at least one array")
+  if any(np.ndim(x) <= batch_axis for x in leaves):
+    raise ValueError(f"every leaf of global_batch needs an axis {batch_axis} (batch_axis)")
+  sizes = {np.shape(x)[batch_axis] for x in leaves}
+  if len(sizes) != 1:
+    raise ValueError(f"all leaves of global_batch must share the batch size, got {sorted(sizes)}")
+  size = sizes.pop()
+  _, axis_size = _local_rows(mesh, axis_name)
+  if size % (axis_size * m):
+    raise ValueError(
+      f"global batch size {size} is not divisible by the number of parts: {axis_size} devices on mesh axis "
+      f"{axis_name!r} x m={m} = {axis_size * m}"
+    )
+  sharding = NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), axis_name))
+
+  def place(x):
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x[index]))
+
+  return jax.tree.map(place, global_batch)
 
 
 def _replicate_leaf(x, sharding):

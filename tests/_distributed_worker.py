@@ -79,7 +79,12 @@ def _train(args) -> None:
   rows = GLOBAL_BATCH // nproc
   for t, batch in enumerate(global_batches()):
     local = jax.tree.map(lambda x: x[pid * rows : (pid + 1) * rows], batch)
-    params, state, _ = step(params, state, dist.shard_batch(local, mesh, "data"), jax.random.fold_in(key, t))
+    sharded = dist.shard_batch(local, mesh, "data")
+    if t == 0:  # the global batch held whole by every process shards the same way
+      other = dist.shard_global_batch(batch, mesh, "data")
+      for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(other), strict=True):
+        assert a.sharding == b.sharding and np.array_equal(dist.to_host(a), dist.to_host(b))
+    params, state, _ = step(params, state, sharded, jax.random.fold_in(key, t))
 
   # every process writes its share of one checkpoint; orbax syncs the processes
   path = os.path.join(os.path.abspath(args.out), "checkpoint")

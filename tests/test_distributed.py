@@ -221,6 +221,19 @@ def test_shard_batch_checks_divisibility():
   np.testing.assert_array_equal(dist.to_host(batch)["x"], np.arange(16.0).reshape(8, 2))
 
 
+def test_shard_global_batch_keeps_rows_in_order():
+  mesh = dist.data_mesh("data")
+  stacked = {"x": np.arange(3 * 16 * 2.0).reshape(3, 16, 2), "y": np.arange(48).reshape(3, 16)}
+  sharded = dist.shard_global_batch(stacked, mesh, "data", m=2, batch_axis=1)
+  assert sharded["x"].sharding == NamedSharding(mesh, PartitionSpec(None, "data"))
+  assert sharded["x"].addressable_shards[1].data.shape == (3, 2, 2)
+  np.testing.assert_array_equal(dist.to_host(sharded)["y"], stacked["y"])
+  with pytest.raises(ValueError, match="not divisible by the number of parts: 8 devices .* x m=4 = 32"):
+    dist.shard_global_batch(stacked, mesh, "data", m=4, batch_axis=1)
+  with pytest.raises(ValueError, match="needs an axis 2"):
+    dist.shard_global_batch(stacked, mesh, "data", batch_axis=2)
+
+
 def test_replicate_and_to_host_round_trip():
   mesh = dist.data_mesh("data", jax.devices()[:4])
   tree = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "key": jax.random.key(3)}
