@@ -172,9 +172,12 @@ def initialize(
   * coordinator unreachable (processes other than 0): :class:`ConnectionError`
     after ``timeout_s``;
   * not all processes join within ``timeout_s`` (fewer launched than
-    ``num_processes``, a duplicate or out-of-range ``process_id``): a message
-    on stderr and exit status :data:`INIT_TIMEOUT_EXIT_CODE` -- JAX ends such
-    a process with a fatal C++ error, never a Python exception;
+    ``num_processes``): a message on stderr and exit status
+    :data:`INIT_TIMEOUT_EXIT_CODE` -- JAX would end the process with a fatal
+    C++ error, never a Python exception. A repeated or out-of-range
+    ``process_id`` ends the run within ``timeout_s`` too, some processes with
+    that status, others with JAX's own fatal error (``ABORTED``, "Unexpected
+    task registered");
   * processes given different ``num_processes``: :class:`ValueError` on all;
   * a process that dies later: the others fail after ``heartbeat_timeout_s``,
     and a process exiting early waits at most ``shutdown_timeout_s``.
