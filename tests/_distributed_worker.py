@@ -4,7 +4,8 @@
 joins the run, trains :func:`problem` for a few bSAM steps over a global mesh
 (m=1 per device), saves params and optimizer state with orbax (all processes
 write their share of one checkpoint), restores it onto the same mesh and checks
-it, and (process 0) writes the final arrays to ``DIR/result.npz``.
+it, and (process 0) writes the final arrays to ``DIR/result.npz``; then the
+same for the baseline :func:`random_sam` (``DIR/random_sam.npz``, no checkpoint).
 ``... init ...`` only joins the run (for the error tests).
 
 The test imports :func:`problem` and :func:`global_batches` for its
@@ -41,6 +42,16 @@ def problem():
   }
   tx = bo.bsam(0.05, n_data=N_DATA, rho=0.05)
   return loss_fn, tx, params, jax.random.key(SEED)
+
+
+def random_sam(loss_fn, **step_kwargs):
+  """A baseline through the same machinery: RandomSAM (noise from the per-part keys) with SGD."""
+  import optax
+
+  import bsam_optax as bo
+
+  tx = optax.sgd(0.1)
+  return tx, bo.random_sam_step(loss_fn, tx, sigma=0.05, **step_kwargs)
 
 
 def global_batches():
@@ -104,6 +115,15 @@ def _train(args) -> None:
   host = result_arrays(dist.to_host(params), dist.to_host(state))
   if pid == 0:
     np.savez(os.path.join(args.out, "result.npz"), **host)
+
+  _, _, params, _ = problem()
+  tx, step = random_sam(loss_fn, m=1, axis_name="data", mesh=mesh)
+  params, state = dist.replicate((params, tx.init(params)), mesh)
+  for t, batch in enumerate(global_batches()):
+    local = jax.tree.map(lambda x: x[pid * rows : (pid + 1) * rows], batch)
+    params, state, _ = step(params, state, dist.shard_batch(local, mesh, "data"), jax.random.fold_in(key, t))
+  if pid == 0:
+    np.savez(os.path.join(args.out, "random_sam.npz"), **dist.to_host(params))
   print(f"process {pid}: done", flush=True)
 
 

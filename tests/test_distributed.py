@@ -112,7 +112,7 @@ def two_process_run(tmp_path_factory):
     assert code == 0, f"process {i} exited with {code}:\n{text[-4000:]}"
     assert f"process {i}: done" in text
   print(f"two-process run: {elapsed:.1f} s")
-  return out, dict(np.load(out / "result.npz"))
+  return out, dict(np.load(out / "result.npz")), dict(np.load(out / "random_sam.npz"))
 
 
 @functools.cache
@@ -146,14 +146,14 @@ def _assert_close(result, reference):
 
 
 def test_two_processes_equal_one_process_with_four_devices(two_process_run):
-  _, result = two_process_run
+  _, result, _ = two_process_run
   params, state = _train_here(1, num_devices=4)
   _assert_close(result, worker.result_arrays(dist.to_host(params), dist.to_host(state)))
   assert int(result["count"]) == worker.STEPS
 
 
 def test_two_processes_equal_m4_on_one_device(two_process_run):
-  _, result = two_process_run
+  _, result, _ = two_process_run
   reference = worker.result_arrays(*dist.to_host(_train_here(4)))
   _assert_close(result, reference)
   # the comparison can see a wrong part order: the processes' rows swapped move the result far more than the tolerance
@@ -165,8 +165,20 @@ def test_two_processes_equal_m4_on_one_device(two_process_run):
   assert sensitivity > 1e3 * ATOL
 
 
+def test_baseline_step_across_processes(two_process_run):
+  # random_sam_step shares the step machinery and the per-part keys with bsam_step
+  _, _, result = two_process_run
+  loss_fn, _, params0, key = _problem()
+  for kwargs in ({"m": 1, "axis_name": "data", "mesh": dist.data_mesh("data", jax.devices()[:4])}, {"m": 4}):
+    tx, step = worker.random_sam(loss_fn, **kwargs)
+    params, state = params0, tx.init(params0)
+    for t, batch in enumerate(worker.global_batches()):
+      params, state, _ = step(params, state, batch, jax.random.fold_in(key, t))
+    _assert_close(result, dist.to_host(params))
+
+
 def test_checkpoint_from_two_processes_restores_into_one(two_process_run):
-  out, result = two_process_run
+  out, result, _ = two_process_run
   _, tx, params, key = _problem()
   target = {"params": params, "opt_state": tx.init(params)}
   mesh = dist.data_mesh("data", jax.devices()[:4])
