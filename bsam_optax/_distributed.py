@@ -47,8 +47,10 @@ from jax.sharding import PartitionSpec
 
 __all__ = [
   "INIT_TIMEOUT_EXIT_CODE",
+  "add_launcher_arguments",
   "data_mesh",
   "initialize",
+  "initialize_from_args",
   "replicate",
   "shard_batch",
   "shard_global_batch",
@@ -236,6 +238,43 @@ def initialize(
     done.set()
   state = _jax_distributed.global_state
   _check_agreement(state.num_processes, state.process_id, max(1.0, deadline - time.monotonic()))
+
+
+def _slurm_tasks() -> int:
+  for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+    if os.environ.get(name, "").isdigit():
+      return int(os.environ[name])
+  return 1
+
+
+def add_launcher_arguments(parser) -> None:
+  """Adds ``--coordinator``, ``--num-processes``, ``--process-id`` and ``--init-timeout`` to an argparse parser."""
+  group = parser.add_argument_group(
+    "multi-process runs (jax.distributed)",
+    f"one process per host; unset flags are read from {_ENV_ADDRESS}, {_ENV_NUM_PROCESSES}, {_ENV_PROCESS_ID}, "
+    "or detected under SLURM (srun with more than one task)",
+  )
+  group.add_argument("--coordinator", metavar="HOST:PORT", default=None, help="address of process 0's coordinator")
+  group.add_argument("--num-processes", type=int, default=None, help="number of processes of the run")
+  group.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes-1")
+  group.add_argument(
+    "--init-timeout", type=float, default=300.0, help="seconds to wait for the coordinator and all processes"
+  )
+
+
+def initialize_from_args(args) -> bool:
+  """Calls :func:`initialize` if the flags of :func:`add_launcher_arguments` or the environment ask for it.
+
+  A multi-process run is asked for by any of the three flags, by any of the
+  ``JAX_*`` variables, or by SLURM with more than one task. Returns whether
+  it initialized; ``False`` means a plain single-process run.
+  """
+  given = (args.coordinator, args.num_processes, args.process_id)
+  from_env = any(name in os.environ for name in (_ENV_ADDRESS, _ENV_NUM_PROCESSES, _ENV_PROCESS_ID))
+  if all(v is None for v in given) and not from_env and _slurm_tasks() <= 1:
+    return False
+  initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.init_timeout)
+  return True
 
 
 def data_mesh(axis_name: str = "data", devices: Sequence[Any] | None = None) -> Mesh:

@@ -6,6 +6,7 @@ test process has 8, see conftest.py), joined through a coordinator on
 127.0.0.1. Every child runs under a timeout and is killed on failure.
 """
 
+import argparse
 import functools
 import os
 import socket
@@ -287,3 +288,22 @@ def test_initialize_reads_the_environment(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
     dist.initialize()
+
+
+def test_launcher_arguments_initialize_only_when_asked(monkeypatch):
+  calls = []
+  monkeypatch.setattr(dist, "initialize", lambda *a, **k: calls.append((a, k)))
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+    monkeypatch.delenv(name, raising=False)
+  parser = argparse.ArgumentParser()
+  dist.add_launcher_arguments(parser)
+  assert not dist.initialize_from_args(parser.parse_args([]))
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert not dist.initialize_from_args(parser.parse_args([]))
+  argv = ["--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1", "--init-timeout", "5"]
+  assert dist.initialize_from_args(parser.parse_args(argv))
+  assert calls[-1] == (("10.0.0.1:1234", 2, 1), {"timeout_s": 5.0})
+  monkeypatch.setenv("SLURM_NTASKS", "4")  # srun with 4 tasks: JAX detects the rest
+  assert dist.initialize_from_args(parser.parse_args([]))
+  assert calls[-1] == ((None, None, None), {"timeout_s": 300.0})
