@@ -1,0 +1,222 @@
+"""Tests of the linen path: TrainState, make_train_step and the BatchNorm policies."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+import bsam_optax as bo
+from bsam_optax.flax import TrainState
+from bsam_optax.flax import make_train_step
+
+N_DATA = 64
+TRAIN = {"train": True}
+
+
+class Net(nn.Module):
+  """A tiny MLP with BatchNorm."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+    return nn.Dense(3)(nn.relu(x))
+
+
+def _data(n=N_DATA):
+  x = jax.random.normal(jax.random.key(0), (n, 4))
+  y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=-1)
+  return x, y
+
+
+def _loss(logits, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+
+TX = bo.bsam(0.1, n_data=N_DATA, rho=0.01, b1=0.5)
+POLICIES = ("both", "perturbed", "noisy", "none")
+# Built once so that tests share their compilations.
+STEPS = {p: make_train_step(_loss, bn_update=p, apply_kwargs=TRAIN) for p in POLICIES}
+STEP_M2 = make_train_step(_loss, m=2, apply_kwargs=TRAIN)
+
+
+def _state(tx=TX):
+  x, _ = _data()
+  variables = Net().init(jax.random.key(1), x, train=False)
+  return TrainState.create(
+    apply_fn=Net().apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
+  )
+
+
+def _model_loss(params, batch, batch_stats):
+  """The loss as make_train_step builds it, for manual reference steps."""
+  variables = {"params": params, "batch_stats": batch_stats}
+  logits, mutated = Net().apply(variables, batch[0], mutable=["batch_stats"], train=True)
+  return _loss(logits, batch), mutated["batch_stats"]
+
+
+def _assert_trees_equal(a, b, **tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or dict(rtol=1e-6, atol=1e-7)))
+
+
+@jax.jit
+def _manual_step(state, batch, key):
+  value_and_grad = jax.value_and_grad(_model_loss, has_aux=True)
+  _, g = value_and_grad(state.noisy_params(key), batch, state.batch_stats)
+  (_, stats), g_eps = value_and_grad(state.perturbed_params(g), batch, state.batch_stats)
+  new = state.apply_gradients(grads=g_eps, noisy_grads=g, batch_stats=stats)
+  updates, opt_state = state.tx.update(g_eps, state.opt_state, state.params, noisy_grads=g)
+  via_extra_args = state.apply_gradients(grads=g_eps, extra_args={"noisy_grads": g})
+  return new, (optax.apply_updates(state.params, updates), opt_state, stats), via_extra_args, new.posterior()
+
+
+def test_apply_gradients_forwards_noisy_grads_and_replaces_fields():
+  state = _state()
+  new, (params, opt_state, stats), via_extra_args, (mean, std) = _manual_step(state, _data(), jax.random.key(2))
+  _assert_trees_equal(new.params, params)
+  _assert_trees_equal(new.opt_state, opt_state)
+  _assert_trees_equal(new.batch_stats, stats)
+  _assert_trees_equal(via_extra_args.params, new.params)
+  assert int(new.step) == 1
+  assert int(bo.find_bsam_state(new.opt_state).count) == 1
+  _assert_trees_equal(mean, new.params)
+  assert all(float(jnp.min(x)) > 0 for x in jax.tree.leaves(std))
+  with pytest.raises(ValueError, match="noisy_grads"):
+    state.apply_gradients(grads=state.params)
+
+
+@jax.jit
+def _reference_steps(state, batch, key):
+  """One bSAM step with m = 1 written out by hand, for every BatchNorm policy."""
+  value_and_grad = jax.value_and_grad(_model_loss, has_aux=True)
+  r = state.batch_stats
+  theta = bo.noisy_params(jax.random.fold_in(key, 0), state.params, state.opt_state)
+  (_, noisy_stats), g = value_and_grad(theta, batch, r)
+  point = bo.perturbed_params(state.params, state.opt_state, g)
+  (_, perturbed_stats), g_eps = value_and_grad(point, batch, r)
+  (_, chained_stats), _ = value_and_grad(point, batch, noisy_stats)  # the authors' threading
+  stats = {"both": chained_stats, "perturbed": perturbed_stats, "noisy": noisy_stats, "none": r}
+  new = state.apply_gradients(grads=g_eps, noisy_grads=jax.tree.map(jnp.abs, g))
+  return {p: new.replace(batch_stats=stats[p]) for p in POLICIES}
+
+
+@pytest.fixture(scope="module")
+def policy_steps():
+  state, batch, key = _state(), _data(), jax.random.key(3)
+  steps = {p: STEPS[p](state, batch, key) for p in POLICIES}
+  return steps, _reference_steps(state, batch, key)
+
+
+@pytest.mark.parametrize("bn_update", POLICIES)
+def test_train_step_matches_hand_written_step_for_each_bn_policy(policy_steps, bn_update):
+  steps, refs = policy_steps
+  new, out = steps[bn_update]
+  ref = refs[bn_update]
+  _assert_trees_equal(new.params, ref.params, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(new.opt_state, ref.opt_state, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(new.batch_stats, ref.batch_stats, rtol=1e-5, atol=1e-6)
+  assert set(out) == {"loss", "perturbed_loss"}
+  assert int(new.step) == 1
+
+
+def test_bn_policies_change_only_the_statistics(policy_steps):
+  results = {p: new for p, (new, _) in policy_steps[0].items()}
+  for p in ("perturbed", "noisy", "none"):
+    _assert_trees_equal(results[p].params, results["both"].params, rtol=1e-5, atol=1e-6)
+  mean = {p: results[p].batch_stats["BatchNorm_0"]["mean"] for p in results}
+  for a, b in [("both", "perturbed"), ("both", "noisy"), ("perturbed", "noisy"), ("none", "perturbed")]:
+    assert not np.allclose(mean[a], mean[b]), (a, b)
+  # "both" is two moving-average steps: μ² r + μ (1 − μ) b_θ + (1 − μ) b_ε, with μ = 0.8 and
+  # b_θ, b_ε recovered from the one-step policies as (new − μ r) / (1 − μ).
+  mu, r = 0.8, mean["none"]
+  b_noisy, b_perturbed = (mean["noisy"] - mu * r) / (1 - mu), (mean["perturbed"] - mu * r) / (1 - mu)
+  expected = mu**2 * r + mu * (1 - mu) * b_noisy + (1 - mu) * b_perturbed
+  np.testing.assert_allclose(mean["both"], expected, rtol=1e-4, atol=1e-5)
+
+
+@jax.jit
+def _reference_parts(state, batch, key):
+  """Per part i: its own θ_i (key fold_in(key, i)), its own ε_i, its half batch; chained statistics."""
+  value_and_grad = jax.value_and_grad(_model_loss, has_aux=True)
+  per_part = []
+  for i in range(2):
+    part = jax.tree.map(lambda x, i=i: x[i * 32 : (i + 1) * 32], batch)
+    theta = bo.noisy_params(jax.random.fold_in(key, i), state.params, state.opt_state)
+    (_, noisy_stats), g = value_and_grad(theta, part, state.batch_stats)
+    (_, stats), _ = value_and_grad(bo.perturbed_params(state.params, state.opt_state, g), part, noisy_stats)
+    per_part.append(stats)
+  return jax.tree.map(lambda a, b: (a + b) / 2, *per_part)
+
+
+@pytest.fixture(scope="module")
+def m2_step():
+  state, batch, key = _state(), _data(), jax.random.key(6)
+  return state, batch, key, STEP_M2(state, batch, key)[0]
+
+
+def test_m_sharpness_averages_statistics_over_parts(m2_step):
+  state, batch, key, new = m2_step
+  _assert_trees_equal(new.batch_stats, _reference_parts(state, batch, key), rtol=1e-5, atol=1e-6)
+
+
+def test_pmap_and_mesh_match_m_parts_on_one_device(m2_step):
+  state, batch, key, one = m2_step
+
+  devices = jax.devices()[:2]
+  step = jax.pmap(make_train_step(_loss, axis_name="d", apply_kwargs=TRAIN), axis_name="d", devices=devices)
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)
+  sharded = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]), batch)
+  pmapped, out = step(replicate(state), sharded, replicate(key))
+  pmapped = jax.tree.map(lambda x: x[0], pmapped)
+  _assert_trees_equal(pmapped.params, one.params, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(pmapped.batch_stats, one.batch_stats, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["loss"][0], out["loss"][1])
+
+  mesh = Mesh(np.array(devices), ("d",))
+  sharded_step = make_train_step(_loss, axis_name="d", mesh=mesh, apply_kwargs=TRAIN)
+  meshed, _ = sharded_step(state, batch, key)
+  _assert_trees_equal(meshed.params, one.params, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(meshed.batch_stats, one.batch_stats, rtol=1e-5, atol=1e-6)
+
+
+def test_trains_a_batchnorm_model():
+  state, batch, step = _state(), _data(), STEP_M2
+  key = jax.random.key(7)
+  losses = []
+  for i in range(60):
+    state, out = step(state, batch, jax.random.fold_in(key, i))
+    losses.append(float(out["perturbed_loss"]))
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+  logits = Net().apply({"params": state.params, "batch_stats": state.batch_stats}, batch[0], train=False)
+  assert float(jnp.mean(jnp.argmax(logits, -1) == batch[1])) > 0.7
+  assert int(state.step) == 60
+
+
+def test_model_without_batch_stats():
+  x, y = _data()
+  model = nn.Dense(3)
+  state = TrainState.create(
+    apply_fn=model.apply, params=model.init(jax.random.key(0), x)["params"], tx=bo.bsam(0.1, n_data=N_DATA)
+  )
+  assert state.batch_stats is None
+  new, out = make_train_step(_loss, m=2)(state, (x, y), jax.random.key(1))
+  assert new.batch_stats is None
+  assert np.isfinite(float(out["loss"]))
+  assert not np.allclose(new.params["kernel"], state.params["kernel"])
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="bn_update"):
+    make_train_step(_loss, bn_update="mean")
+  with pytest.raises(ValueError, match="m must be"):
+    make_train_step(_loss, m=0)
+  with pytest.raises(TypeError, match="loss_fn"):
+    make_train_step(None)
+  step = make_train_step(_loss, m=3, apply_kwargs=TRAIN)
+  with pytest.raises(ValueError, match="divisible"):
+    step(_state(), _data(), jax.random.key(0))
