@@ -312,8 +312,7 @@ def make_nnx_train_step(
     if m == 1:
       result = one_part(0, jax.tree.map(lambda x: x[0], parts))
     else:
-      result = jax.vmap(one_part)(jnp.arange(m), parts)
-      result = jax.tree.map(lambda x: jnp.mean(x, axis=0), result)
+      result = _step._mean_over_parts(jax.vmap(one_part)(jnp.arange(m), parts))
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), result.pop("grads"), params)
     optimizer.update(model, _as_variables(param_vars, grads), noisy_grads=result.pop("abs_grads"))
     nnx.update(model, result.pop("stats"))

@@ -1,0 +1,130 @@
+"""Tests of the NNX path: nnx.Optimizer with bsam and make_nnx_train_step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import bsam_optax as bo
+from bsam_optax.flax import make_nnx_train_step
+
+N_DATA = 64
+
+
+class Net(nnx.Module):
+  """A tiny MLP with BatchNorm."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(4, 8, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.norm(self.dense(x))))
+
+
+def _data(n=N_DATA):
+  x = jax.random.normal(jax.random.key(0), (n, 4))
+  y = jnp.argmax(x[:, :3] + 0.5 * x[:, 3:], axis=-1)
+  return {"x": x, "y": y}
+
+
+def _loss(model, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]), batch["y"]).mean()
+
+
+def _tx():
+  return bo.bsam(0.1, n_data=N_DATA, rho=0.01, b1=0.5)
+
+
+def _model_and_optimizer():
+  model = Net(nnx.Rngs(1))
+  model.train()
+  return model, nnx.Optimizer(model, _tx(), wrt=nnx.Param)
+
+
+def _functional_step(model, batch, key, m, bn_update):
+  """The same step with bsam_step on the pure nnx.State of the params."""
+  graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  params, stats, rest = nnx.as_pure(params), nnx.as_pure(stats), nnx.as_pure(rest)
+  tx = _tx()
+
+  def loss(p, batch, batch_stats):
+    merged = nnx.merge(graphdef, p, batch_stats, rest)
+    return _loss(merged, batch), nnx.as_pure(nnx.state(merged, nnx.BatchStat))
+
+  aux_from = "noisy" if bn_update == "noisy" else "perturbed"
+  step = bo.bsam_step(loss, tx, m=m, has_aux=True, aux_from=aux_from, thread_aux=bn_update == "both")
+  new_params, opt_state, out = step(params, tx.init(params), batch, key, stats)
+  return new_params, opt_state, out["aux"], out
+
+
+def _pure(model, which):
+  return nnx.as_pure(nnx.state(model, which))
+
+
+@pytest.mark.parametrize("m,bn_update", [(1, "both"), (2, "both"), (2, "noisy")])
+def test_one_step_equals_functional_bsam_step(m, bn_update):
+  model, optimizer = _model_and_optimizer()
+  batch, key = _data(), jax.random.key(3)
+  params, opt_state, stats, ref_out = _functional_step(model, batch, key, m, bn_update)
+
+  out = make_nnx_train_step(_loss, m=m, bn_update=bn_update)(model, optimizer, batch, key)
+  for a, b in [
+    (_pure(model, nnx.Param), params),
+    (nnx.as_pure(optimizer.opt_state), opt_state),
+    (_pure(model, nnx.BatchStat), stats),
+  ]:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+  np.testing.assert_allclose(out["loss"], ref_out["loss"], rtol=1e-6)
+  np.testing.assert_allclose(out["perturbed_loss"], ref_out["perturbed_loss"], rtol=1e-6)
+  assert int(optimizer.step[...]) == 1
+  assert int(bo.find_bsam_state(nnx.as_pure(optimizer.opt_state)).count) == 1
+
+
+def test_none_keeps_the_statistics_and_policies_share_params():
+  batch, key = _data(), jax.random.key(4)
+  results = {}
+  for bn_update in ("none", "perturbed"):
+    model, optimizer = _model_and_optimizer()
+    before = _pure(model, nnx.BatchStat)
+    make_nnx_train_step(_loss, bn_update=bn_update)(model, optimizer, batch, key)
+    results[bn_update] = (_pure(model, nnx.Param), _pure(model, nnx.BatchStat), before)
+  for x, y in zip(jax.tree.leaves(results["none"][0]), jax.tree.leaves(results["perturbed"][0]), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(results["none"][1]), jax.tree.leaves(results["none"][2]), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert not np.allclose(results["perturbed"][1]["norm"]["mean"], results["none"][1]["norm"]["mean"])
+
+
+def test_trains_a_batchnorm_model():
+  model, optimizer = _model_and_optimizer()
+  batch, key = _data(), jax.random.key(5)
+  step = make_nnx_train_step(_loss, m=2)
+  losses = [float(step(model, optimizer, batch, jax.random.fold_in(key, i))["perturbed_loss"]) for i in range(60)]
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+  model.eval()
+  assert float(jnp.mean(jnp.argmax(model(batch["x"]), -1) == batch["y"])) > 0.7
+  assert int(optimizer.step[...]) == 60
+  # The posterior of the nnx.State of params, and the model-averaged predictive through nnx.merge.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, opt_state = nnx.as_pure(params), nnx.as_pure(optimizer.opt_state)
+  _, std = bo.posterior(params, opt_state)
+  assert all(float(jnp.min(s)) > 0 for s in jax.tree.leaves(std))
+  apply = lambda p, x: nnx.merge(graphdef, p, rest)(x)
+  probs = bo.predictive(apply, jax.random.key(6), params, opt_state, batch["x"], num_samples=4)
+  np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, rtol=1e-5)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="bn_update"):
+    make_nnx_train_step(_loss, bn_update="mean")
+  with pytest.raises(ValueError, match="m must be"):
+    make_nnx_train_step(_loss, m=0)
+  model, optimizer = _model_and_optimizer()
+  with pytest.raises(ValueError, match="divisible"):
+    make_nnx_train_step(_loss, m=3, jit=False)(model, optimizer, _data(), jax.random.key(0))
