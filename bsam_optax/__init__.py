@@ -6,6 +6,9 @@ from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params
 from bsam_optax._bsam import perturbed_params
 from bsam_optax._bsam import posterior
+from bsam_optax._checkpoint import Checkpoint
+from bsam_optax._checkpoint import restore_checkpoint
+from bsam_optax._checkpoint import save_checkpoint
 from bsam_optax._data import Dataset
 from bsam_optax._data import Split
 from bsam_optax._data import epoch_batches
@@ -28,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "BSAMState",
+  "Checkpoint",
   "Dataset",
   "Split",
   "asam_perturbed_params",
@@ -47,7 +51,9 @@ __all__ = [
   "predictive",
   "random_perturbed_params",
   "random_sam_step",
+  "restore_checkpoint",
   "sample_posterior",
   "sam_perturbed_params",
   "sam_step",
+  "save_checkpoint",
 ]
