@@ -103,11 +103,11 @@ def save_checkpoint(
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-  if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
-    try:
-      step = int(jax.device_get(step))  # a scalar array, e.g. TrainState.step
-    except TypeError as err:
-      raise TypeError(f"step must be an int, got {step!r}") from err
+  if step is not None:
+    value = np.asarray(jax.device_get(step))  # an int or a scalar array such as TrainState.step
+    if isinstance(step, bool) or value.shape != () or not np.issubdtype(value.dtype, np.integer):
+      raise TypeError(f"step must be an int or an integer scalar array, got {step!r}")
+    step = int(value)
   tree = {"params": params, "opt_state": opt_state}
   if step is not None:
     tree["step"] = int(step)
