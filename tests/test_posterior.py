@@ -1,0 +1,142 @@
+"""Tests of sample_posterior and predictive against posterior() and noisy_params."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bsam_optax as bo
+
+N_DATA = 20.0
+# Jitted once: run eagerly, every sampling primitive would be compiled on its own.
+sample_posterior = jax.jit(bo.sample_posterior, static_argnums=3)
+predictive = jax.jit(bo.predictive, static_argnums=(0, 5), static_argnames=("num_samples", "chunk_size", "link"))
+
+
+def _params_and_state(tx=None):
+  params = {"w": jnp.array([[0.5, -1.0, 2.0], [0.1, 0.0, -0.3]]), "b": jnp.array([0.2, -0.2])}
+  tx = bo.bsam(0.1, n_data=N_DATA) if tx is None else tx
+  state = tx.init(params)
+  bsam_state = bo.find_bsam_state(state)
+  # Different precisions per entry: s in [0.5, 8], so std = 1 / sqrt(N s) spans a factor of 4.
+  scale = jax.tree.map(lambda s: jnp.linspace(0.5, 8.0, s.size).reshape(s.shape), bsam_state.scale)
+  state = jax.tree.map(
+    lambda x: bsam_state._replace(scale=scale) if x is bsam_state else x,
+    state,
+    is_leaf=lambda x: isinstance(x, bo.BSAMState),
+  )
+  return params, state
+
+
+def test_samples_match_the_posterior_mean_and_std():
+  params, state = _params_and_state()
+  num_samples = 20_000
+  samples = sample_posterior(jax.random.key(0), params, state, num_samples)
+  mean, std = bo.posterior(params, state)
+  for k in params:
+    assert samples[k].shape == (num_samples,) + params[k].shape
+    expected_std = 1 / np.sqrt(N_DATA * np.asarray(bo.find_bsam_state(state).scale[k]))
+    np.testing.assert_allclose(std[k], expected_std, rtol=1e-6)
+    # 5 standard errors: of the mean σ / √S, of the std about σ / √(2S).
+    np.testing.assert_array_less(np.abs(samples[k].mean(0) - mean[k]), 5 * std[k] / np.sqrt(num_samples))
+    np.testing.assert_array_less(np.abs(samples[k].std(0) - std[k]), 5 * std[k] / np.sqrt(2 * num_samples))
+
+
+def test_sample_j_is_noisy_params_with_fold_in_key_j():
+  params, state = _params_and_state()
+  key = jax.random.key(1)
+  samples = sample_posterior(key, params, state, 5)
+  noisy_params = jax.jit(bo.noisy_params)
+  for j in range(5):
+    theta = noisy_params(jax.random.fold_in(key, j), params, state)
+    for k in params:
+      np.testing.assert_allclose(samples[k][j], theta[k], rtol=1e-6, atol=1e-7)
+  # Samples are distinct, and a prefix of a longer run.
+  assert not np.allclose(samples["w"][0], samples["w"][1])
+  longer = sample_posterior(key, params, state, 8)
+  np.testing.assert_allclose(longer["w"][:5], samples["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_through_optax_chain_with_masked_leaves():
+  tx = optax.chain(optax.clip(1.0), optax.masked(bo.bsam(0.1, n_data=N_DATA), {"w": True, "b": False}))
+  params, state = _params_and_state(tx)
+  samples = sample_posterior(jax.random.key(2), params, state, 64)
+  # Masked-out leaves are point estimates: every sample is the mean, and the posterior std is 0.
+  np.testing.assert_array_equal(samples["b"], jnp.broadcast_to(params["b"], (64, 2)))
+  assert float(jnp.max(bo.posterior(params, state)[1]["b"])) == 0.0
+  assert float(jnp.min(jnp.std(samples["w"], axis=0))) > 0
+
+
+def test_dtypes_are_preserved():
+  params = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.zeros(3, jnp.float32)}
+  state = bo.bsam(0.1, n_data=N_DATA).init(params)
+  samples = sample_posterior(jax.random.key(3), params, state, 4)
+  assert samples["w"].dtype == jnp.bfloat16
+  assert samples["b"].dtype == jnp.float32
+
+
+def _apply(params, x):
+  return x @ params["w"] + params["b"]
+
+
+def _inputs():
+  return jax.random.normal(jax.random.key(4), (5, 2))
+
+
+def _predict_params():
+  params = {"w": jnp.array([[0.5, -1.0, 2.0], [0.1, 0.0, -0.3]]), "b": jnp.array([0.2, -0.2, 0.1])}
+  return params, bo.bsam(0.1, n_data=N_DATA).init(params)
+
+
+@pytest.mark.parametrize("link", [jax.nn.softmax, None])
+def test_predictive_is_the_average_over_samples(link):
+  params, state = _predict_params()
+  key, x = jax.random.key(5), _inputs()
+  got = predictive(_apply, key, params, state, x, num_samples=8, link=link)
+  samples = sample_posterior(key, params, state, 8)
+  outputs = jnp.stack([_apply(jax.tree.map(lambda s, j=j: s[j], samples), x) for j in range(8)])
+  expected = jnp.mean(jax.nn.softmax(outputs) if link else outputs, axis=0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  assert got.shape == (5, 3)
+  if link is not None:
+    np.testing.assert_allclose(jnp.sum(got, -1), 1.0, rtol=1e-5)
+
+
+def test_predictive_does_not_depend_on_chunk_size():
+  params, state = _predict_params()
+  key, x = jax.random.key(6), _inputs()
+  predict = jax.jit(
+    lambda chunk_size: bo.predictive(_apply, key, params, state, x, num_samples=12, chunk_size=chunk_size),
+    static_argnums=0,
+  )
+  reference = predict(None)
+  for chunk_size in (1, 4, 12):
+    np.testing.assert_allclose(predict(chunk_size), reference, rtol=1e-6, atol=1e-7)
+  # The model average differs from the prediction of the mean (the posterior has width).
+  assert not np.allclose(reference, jax.nn.softmax(_apply(params, x)), atol=1e-4)
+
+
+def test_predictive_jits():
+  params, state = _predict_params()
+  fn = jax.jit(lambda k, p, s, x: bo.predictive(_apply, k, p, s, x, num_samples=4, chunk_size=2))
+  got = fn(jax.random.key(7), params, state, _inputs())
+  np.testing.assert_allclose(got, predictive(_apply, jax.random.key(7), params, state, _inputs(), 4), rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_samples,error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_bad_num_samples(num_samples, error):
+  params, state = _predict_params()
+  with pytest.raises(error, match="num_samples"):
+    bo.sample_posterior(jax.random.key(0), params, state, num_samples)
+  with pytest.raises(error, match="num_samples"):
+    bo.predictive(_apply, jax.random.key(0), params, state, _inputs(), num_samples)
+
+
+@pytest.mark.parametrize(
+  "chunk_size,match", [(0, "positive"), (-2, "positive"), (2.0, "positive"), (True, "positive"), (3, "divide")]
+)
+def test_bad_chunk_size(chunk_size, match):
+  params, state = _predict_params()
+  with pytest.raises(ValueError, match=match):
+    bo.predictive(_apply, jax.random.key(0), params, state, _inputs(), 8, chunk_size=chunk_size)
