@@ -96,14 +96,15 @@ def test_same_key_same_result_different_key_differs():
   assert not np.allclose(a[0]["w1"], c[0]["w1"])
 
 
+@pytest.mark.parametrize("split", ["scan", "unroll"])
 @pytest.mark.parametrize("m", [2, 4])
-def test_scan_equals_vmap(m):
+def test_scan_equals_vmap(m, split):
   params, batch = _problem()
   tx = _tx()
   state = tx.init(params)
   key = jax.random.key(3)
   a = bo.bsam_step(loss_fn, tx, m=m, split="vmap")(params, state, batch, key)
-  b = bo.bsam_step(loss_fn, tx, m=m, split="scan")(params, state, batch, key)
+  b = bo.bsam_step(loss_fn, tx, m=m, split=split)(params, state, batch, key)
   chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
