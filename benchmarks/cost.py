@@ -169,6 +169,7 @@ class Method(NamedTuple):
   compiled: Any  # a jax.stages.Compiled of one step, for memory_analysis
   state_bytes: int  # optimizer state (without the weights)
   jitted: Any  # the jitted step (for _cache_size)
+  compile_s: float = float("nan")  # seconds to lower and compile the step
 
 
 def _keys(impl, n=16):
@@ -186,7 +187,9 @@ def step_method(step, params, opt_state, batch, keys, context=contextlib.nullcon
   # Copies, so that a donating step cannot delete buffers other methods share.
   params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
   with context():
+    start = time.perf_counter()
     compiled = step.lower(params, opt_state, batch, keys[0]).compile()
+    compile_s = time.perf_counter() - start
     # The first call traces and compiles now, inside any `patched` context of the caller.
     params, opt_state, _ = step(params, opt_state, batch, keys[0])
   jax.block_until_ready(params)
@@ -201,7 +204,7 @@ def step_method(step, params, opt_state, batch, keys, context=contextlib.nullcon
     jax.block_until_ready(p)
     carry[:] = [p, s, i]
 
-  return Method(run, compiled, tree_bytes(opt_state), step)
+  return Method(run, compiled, tree_bytes(opt_state), step, compile_s)
 
 
 def adam_method(prob: Problem) -> Method:
@@ -241,7 +244,9 @@ def contrib_sam_method(prob: Problem) -> Method:
 def authors_method(prob: Problem, m: int) -> Method:
   step = authors_step_fn(prob.loss_fn, m)
   carry = [authors_init(prob.params, jax.random.key(3))]
+  start = time.perf_counter()
   compiled = step.lower(carry[0], prob.batch).compile()
+  compile_s = time.perf_counter() - start
 
   def run(steps):
     state = carry[0]
@@ -251,7 +256,7 @@ def authors_method(prob: Problem, m: int) -> Method:
     carry[0] = state
 
   state_bytes = tree_bytes(carry[0].gm) + tree_bytes(carry[0].s) + 8
-  return Method(run, compiled, state_bytes, step)
+  return Method(run, compiled, state_bytes, step, compile_s)
 
 
 def bsam_method(prob: Problem, m: int, impl=None, context=contextlib.nullcontext, **kwargs) -> Method:
@@ -322,8 +327,11 @@ def compare(prob: Problem, ms, rounds, steps, log) -> tuple[list[str], dict]:
   return time_rows, extra
 
 
-def memory_rows(prob: Problem, ms) -> list[str]:
-  """Optimizer-state bytes and compiled peak memory (no run needed), against Adam's donated step."""
+def memory_rows(prob: Problem, ms, quick: bool = False) -> list[str]:
+  """Optimizer-state bytes and compiled peak memory (no run needed), against Adam's donated step.
+
+  ``quick``: only the hash-keyed bSAM steps with donation (CI).
+  """
   p_bytes = tree_bytes(prob.params)
   adam_tx, bsam_tx = optax.adam(LR), bo.bsam(LR, N_DATA, rho=RHO)
   adam_state, bsam_state = adam_tx.init(prob.params), bsam_tx.init(prob.params)
@@ -350,9 +358,10 @@ def memory_rows(prob: Problem, ms) -> list[str]:
     authors = authors_init(prob.params, fry)
     authors_peak = peak_bytes(authors_step_fn(prob.loss_fn, m).lower(authors, prob.batch).compile())
     entries.append(("authors", "vmap", False, tree_bytes(authors.gm) + tree_bytes(authors.s), authors_peak))
-    for split in ("vmap", "scan") if m > 1 else ("vmap",):
-      for name, key in (("bsam", fry), ("bsam_hash", hsh)):
-        for donate in (False, True):
+    splits = ("vmap", "scan", "unroll") if m > 1 else ("vmap",)
+    for split in splits[:2] if quick else splits:
+      for name, key in (("bsam_hash", hsh),) if quick else (("bsam", fry), ("bsam_hash", hsh)):
+        for donate in (True,) if quick else (False, True):
           step = bo.bsam_step(prob.loss_fn, bsam_tx, m=m, split=split, donate=donate)
           entries.append((name, split, donate, tree_bytes(bsam_state), peak(step, bsam_state, key)))
     for name, split, donate, state, peak_ in entries:
@@ -364,7 +373,7 @@ def memory_rows(prob: Problem, ms) -> list[str]:
 
 
 def compile_times(prob: Problem, m: int, repeats: int = 3) -> list[str]:
-  """Lower + compile time of fresh steps (no in-memory cache hit: each is a new jit)."""
+  """Lower + compile seconds of fresh steps (each a new jit object: no in-memory cache hit)."""
   rows = []
   builders = {
     "adam": lambda: adam_method(prob),
@@ -372,13 +381,10 @@ def compile_times(prob: Problem, m: int, repeats: int = 3) -> list[str]:
     "authors": lambda: authors_method(prob, m),
     "bsam": lambda: bsam_method(prob, m),
     "bsam_hash": lambda: bsam_method(prob, m, impl=bo.hash_prng_impl),
+    "bsam_hash, split='unroll'": lambda: bsam_method(prob, m, impl=bo.hash_prng_impl, split="unroll"),
   }
   for name, build in builders.items():
-    secs = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      build()
-      secs.append(time.perf_counter() - start)
+    secs = [build().compile_s for _ in range(repeats)]
     rows.append(f"| {prob.name} | {m} | {name} | {statistics.median(secs):.2f} |")
   return rows
 
@@ -441,34 +447,36 @@ class patched:
     setattr(self.module, self.name, self.old)
 
 
-def unrolled_bsam_method(prob: Problem, m: int, impl) -> Method:
-  """bsam_step's math with the m parts as a Python loop (m copies of the graph) instead of vmap."""
-  tx = bo.bsam(LR, N_DATA, rho=RHO)
-  value_and_grad = jax.value_and_grad(prob.loss_fn)
-
-  @jax.jit
-  def step(params, opt_state, batch, key):
-    parts = jax.tree.map(lambda x: x.reshape((m, -1) + x.shape[1:]), batch)
-    g_eps_sum, abs_sum = None, None
-    for i in range(m):
-      part = jax.tree.map(lambda x, i=i: x[i], parts)
-      _, g = value_and_grad(bo.noisy_params(jax.random.fold_in(key, i), params, opt_state), part)
-      _, g_eps = value_and_grad(bo.perturbed_params(params, opt_state, g), part)
-      abs_g = jax.tree.map(jnp.abs, g)
-      g_eps_sum = g_eps if g_eps_sum is None else jax.tree.map(jnp.add, g_eps_sum, g_eps)
-      abs_sum = abs_g if abs_sum is None else jax.tree.map(jnp.add, abs_sum, abs_g)
-    mean = lambda tree: jax.tree.map(lambda x: x / m, tree)
-    updates, opt_state = tx.update(mean(g_eps_sum), opt_state, params, noisy_grads=mean(abs_sum))
-    return optax.apply_updates(params, updates), opt_state, None
-
-  return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys(impl))
+def _time_variants(prob, m, variants, kept, rounds, steps, log) -> list[str]:
+  unique = {}
+  for _, method in variants.values():
+    unique.setdefault(id(method), method)
+  log(f"[levers {prob.name} m={m}] timing {len(unique)} steps")
+  by_id = time_methods({str(k): v for k, v in unique.items()}, rounds, steps)
+  sam_id, kept_id = str(id(variants["reference: SAM-Adam"][1])), str(id(kept))
+  rows = []
+  for label, (lever, method) in variants.items():
+    key = str(id(method))
+    name = label.split(": ", 1)[1]
+    ms_step = statistics.median(by_id[key])
+    rows.append(
+      f"| {prob.name} | {lever} | {m} | {name} | {ms_step:.2f} | {median_ratio(by_id, key, kept_id):.2f} | "
+      f"{median_ratio(by_id, key, sam_id):.2f} | {mib(peak_bytes(method.compiled))} |"
+    )
+    log(rows[-1])
+  return rows
 
 
-def levers(prob: Problem, ms, rounds, steps, log) -> list[str]:
-  """One table row per (lever, m, variant): ms per step, ratio to the kept variant and to SAM-Adam."""
+def levers(prob: Problem, ms, rounds, steps, log, only_parts: bool = False) -> list[str]:
+  """One table row per (lever, m, variant): ms per step, ratio to the kept variant and to SAM-Adam.
+
+  ``only_parts``: just lever 6 (how the m parts are evaluated), for m > 1.
+  """
   rows = []
   hash_impl = bo.hash_prng_impl
   for m in ms:
+    if only_parts and m == 1:
+      continue
     variants: dict[str, tuple[str, Method]] = {}
 
     def add(lever, name, method, variants=variants):
@@ -478,6 +486,12 @@ def levers(prob: Problem, ms, rounds, steps, log) -> list[str]:
     add("reference", "SAM-Adam", sam_adam_method(prob, m))
     kept = bsam_method(prob, m, impl=hash_impl)
     add("reference", "bsam_step (hash key, all levers kept)", kept)
+    if only_parts:
+      add("6 parts", "vmap [default]", kept)
+      add("6 parts", "scan", bsam_method(prob, m, impl=hash_impl, split="scan"))
+      add("6 parts", "unroll", bsam_method(prob, m, impl=hash_impl, split="unroll"))
+      rows += _time_variants(prob, m, variants, kept, rounds, steps, log)
+      continue
     with patched(_step, "_mean_over_leading_axis", _reduce_mean), patched(_noise, "normal_like", _flat_normal_like):
       add("0 all", "threefry key, code before this work (flat draw, jnp.mean)", bsam_method(prob, m))
     if m > 1:
@@ -500,29 +514,15 @@ def levers(prob: Problem, ms, rounds, steps, log) -> list[str]:
     add("3 generator", "unsafe_rbg", bsam_method(prob, m, impl="unsafe_rbg"))
     add("3 generator", "hash_prng_impl [opt-in]", kept)
     with patched(_noise, "_draw", lambda key, shape, dtype: jax.random.normal(key, shape, dtype)):
-      add("6 hash bits to normals", "jax.random.normal (XLA erf_inv) [before]", bsam_method(prob, m, impl=hash_impl))
-    add("6 hash bits to normals", "Giles erfinv with log [kept]", kept)
-    add("4 donation", "donate=False [default]", kept)
-    add("4 donation", "donate=True", bsam_method(prob, m, impl=hash_impl, donate=True))
+      add("4 hash bits to normals", "jax.random.normal (XLA erf_inv) [before]", bsam_method(prob, m, impl=hash_impl))
+    add("4 hash bits to normals", "Giles erfinv with log [kept]", kept)
+    add("5 donation", "donate=False [default]", kept)
+    add("5 donation", "donate=True", bsam_method(prob, m, impl=hash_impl, donate=True))
     if m > 1:
-      add("5 parts", "vmap [default]", kept)
-      add("5 parts", "scan", bsam_method(prob, m, impl=hash_impl, split="scan"))
-      add("5 parts", "Python loop (unrolled)", unrolled_bsam_method(prob, m, hash_impl))
-    unique = {}
-    for _, method in variants.values():
-      unique.setdefault(id(method), method)
-    log(f"[levers {prob.name} m={m}] timing {len(unique)} steps")
-    by_id = time_methods({str(k): v for k, v in unique.items()}, rounds, steps)
-    sam_id, kept_id = str(id(variants["reference: SAM-Adam"][1])), str(id(kept))
-    for label, (lever, method) in variants.items():
-      key = str(id(method))
-      name = label.split(": ", 1)[1]
-      ms_step = statistics.median(by_id[key])
-      rows.append(
-        f"| {lever} | {m} | {name} | {ms_step:.2f} | {median_ratio(by_id, key, kept_id):.2f} | "
-        f"{median_ratio(by_id, key, sam_id):.2f} | {mib(peak_bytes(method.compiled))} |"
-      )
-      log(rows[-1])
+      add("6 parts", "vmap [default]", kept)
+      add("6 parts", "scan", bsam_method(prob, m, impl=hash_impl, split="scan"))
+      add("6 parts", "unroll", bsam_method(prob, m, impl=hash_impl, split="unroll"))
+    rows += _time_variants(prob, m, variants, kept, rounds, steps, log)
   return rows
 
 
@@ -644,7 +644,7 @@ def main(argv=None):
     rows, cache = compare(prob, args.m, rounds, steps, log)
     time_table += rows
     log(f"[{name}] memory")
-    mem_table += memory_rows(prob, args.m)
+    mem_table += memory_rows(prob, args.m, quick=args.quick)
     for (model, m), sizes in cache.items():
       notes.append(f"- {model}, m={m}: jit cache entries per step after all timed calls: {sizes}.")
     m_c = max(args.m)
@@ -652,8 +652,8 @@ def main(argv=None):
       log(f"[{name}] compile times, m={m_c}")
       compile_rows += compile_times(prob, m_c)
     notes.append("- " + host_sync_check(prob, m_c))
-    if do_levers and name == "mlp":
-      lever_rows += levers(prob, args.m, rounds, steps, log)
+    if do_levers:
+      lever_rows += levers(prob, args.m, rounds, steps, log, only_parts=name != "mlp")
 
   report = header + ["Problems:", *notes, ""] + time_table + [""] + mem_table + [""]
   report += (
@@ -682,14 +682,15 @@ def main(argv=None):
     ]
   if lever_rows:
     report += [
-      "## Levers (MLP)",
+      "## Levers",
       "",
       "Each row is one variant of the bSAM step; the kept variant of every lever is the reference row "
       "`bsam_step (hash key, all levers kept)` unless the lever is about the default key. "
-      "`/kept` = time / kept variant's time, `/SAM-Adam` = time / SAM-Adam's time, same rounds.",
+      "`/kept` = time / kept variant's time, `/SAM-Adam` = time / SAM-Adam's time, same rounds. "
+      "The CNN gets lever 6 only.",
       "",
-      "| lever | m | variant | ms | /kept | /SAM-Adam | step peak MiB |",
-      "|---|---|---|---|---|---|---|",
+      "| model | lever | m | variant | ms | /kept | /SAM-Adam | step peak MiB |",
+      "|---|---|---|---|---|---|---|---|",
       *lever_rows,
       "",
     ]
