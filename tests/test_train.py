@@ -1,0 +1,144 @@
+"""Tests for bsam_optax._train: the training loop, its outputs, the optimizer registry, config checks."""
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bsam_optax import _train
+
+# Tiny: 256 digits, MLP of width 4 x 8, 2 epochs of 4 batches. Compilation dominates the cost, so
+# the tests train as few times as they can.
+TINY = _train.TrainConfig(
+  dataset="digits",
+  model="mlp",
+  epochs=2,
+  batch_size=64,
+  m=4,
+  width=8,
+  train_subset=256,
+  eval_samples=4,
+  progress=False,
+)
+
+
+# All of digits' 1259 training images, 8 epochs: enough to learn.
+LEARN = dataclasses.replace(TINY, epochs=8, train_subset=None)
+
+
+@pytest.fixture(scope="module")
+def bsam_result(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bsam")
+  return _train.train(dataclasses.replace(LEARN, out_dir=str(out)))
+
+
+def test_bsam_result_and_files(bsam_result):
+  r = bsam_result
+  assert set(r.metrics) == {"posterior_mean", "model_average"}
+  for values in r.metrics.values():
+    assert set(values) == {"accuracy", "nll", "brier", "ece", "auroc", "ood_auroc"}
+    assert all(math.isfinite(v) for v in values.values())
+    assert 0.0 <= values["accuracy"] <= 1.0
+  assert r.config.learning_rate == _train.OPTIMIZERS["bsam"].defaults["learning_rate"]
+  assert len(r.history) == 8 and all(math.isfinite(h["loss"]) for h in r.history)
+  # One std summary per parameter leaf, std = 1 / sqrt(N s) > 0.
+  assert set(r.posterior_std) == {
+    "Dense_0/bias",
+    "Dense_0/kernel",
+    "Dense_1/bias",
+    "Dense_1/kernel",
+    "Dense_2/bias",
+    "Dense_2/kernel",
+  }
+  assert all(0 < v["min"] <= v["median"] <= v["max"] for v in r.posterior_std.values())
+  assert set(r.files) == {"reliability", "posterior_std", "metrics"}
+  for path in r.files.values():
+    assert os.path.getsize(path) > 0
+  with open(r.files["reliability"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(r.files["metrics"]) as f:
+    saved = json.load(f)
+  assert saved["metrics"] == r.metrics and saved["config"]["optimizer"] == "bsam"
+
+
+def test_learns_digits(bsam_result):
+  for values in bsam_result.metrics.values():
+    assert values["accuracy"] > 0.85
+    assert values["ood_auroc"] > 0.5  # inverted digits look less certain than digits
+  assert bsam_result.history[-1]["validation_accuracy"] > 0.85
+
+
+def test_same_seed_same_parameters(bsam_result):
+  again = _train.train(dataclasses.replace(LEARN, out_dir=None))
+  jax.tree.map(np.testing.assert_array_equal, again.params, bsam_result.params)
+  jax.tree.map(np.testing.assert_array_equal, again.opt_state, bsam_result.opt_state)
+  assert again.metrics == bsam_result.metrics
+
+
+# One of each kind of step: one gradient (adam; sgd differs only in tx) and SAM (sam_adam; sam_sgd too).
+@pytest.mark.parametrize("optimizer", ["adam", "sam_adam"])
+def test_every_registered_optimizer_trains(optimizer, tmp_path):
+  r = _train.train(dataclasses.replace(TINY, optimizer=optimizer, out_dir=str(tmp_path)))
+  assert set(r.metrics) == {"posterior_mean"}  # no posterior: no model average
+  assert r.posterior_std is None and "posterior_std" not in r.files
+  assert all(math.isfinite(v) for v in r.metrics["posterior_mean"].values())
+
+
+def test_batch_norm():
+  config = dataclasses.replace(TINY, batch_norm=True, m=2)
+  r = _train.train(config)
+  assert r.batch_stats is not None
+  # The running statistics moved from their initial values (mean 0, var 1).
+  means = jax.tree.leaves(jax.tree.map(lambda x: float(np.abs(x).max()), r.batch_stats))
+  assert max(means) > 0
+  assert all(math.isfinite(v) for v in r.metrics["model_average"].values())
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({"dataset": "cifar10"}, "unknown dataset"),
+    ({"model": "resnet"}, "unknown model"),
+    ({"optimizer": "lbfgs"}, "unknown optimizer"),
+    ({"m": 3}, "m=3 must divide batch_size=64"),
+    ({"m": 0}, "m must be a positive int"),
+    ({"epochs": -1}, "epochs must be a positive int"),
+    ({"batch_size": 1000}, "exceeds the 256 training examples"),
+    ({"train_subset": 0}, "train_subset must be a positive int"),
+    ({"learning_rate": -0.1}, "learning_rate must be >= 0"),
+    ({"rho": float("nan")}, "rho must be a finite number"),
+    ({"init_scale": 0.0}, "init_scale must be > 0"),
+    ({"b2": 1.0}, r"b2 must be in \[0, 1\)"),
+    ({"seed": -3}, "seed must be an int >= 0"),
+    ({"num_samples": 1000}, "mnist1d dataset only"),
+  ],
+)
+def test_check_config_errors(change, message):
+  with pytest.raises(ValueError, match=message):
+    _train.check_config(dataclasses.replace(TINY, **change))
+
+
+def test_unwritable_out_dir_fails_before_training(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  with pytest.raises(ValueError, match="not a directory"):
+    _train.check_config(dataclasses.replace(TINY, out_dir=str(a_file)))
+  with pytest.raises(ValueError, match="cannot write"):
+    _train.check_config(dataclasses.replace(TINY, out_dir=str(a_file / "sub")))
+  if os.geteuid() != 0:  # root writes anywhere
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ValueError, match="cannot write"):
+      _train.check_config(dataclasses.replace(TINY, out_dir=str(locked)))
+
+
+def test_check_config_fills_optimizer_defaults():
+  for name, spec in _train.OPTIMIZERS.items():
+    config = _train.check_config(dataclasses.replace(TINY, optimizer=name))
+    for field, value in spec.defaults.items():
+      assert getattr(config, field) == value
+  assert _train.check_config(dataclasses.replace(TINY, learning_rate=0.01)).learning_rate == 0.01
