@@ -189,7 +189,7 @@ class TrainResult:
   opt_state: Any
   batch_stats: Any  # None without BatchNorm
   metrics: dict[str, dict[str, float]]  # "posterior_mean" and (bayesian) "model_average"
-  posterior_std: dict[str, dict[str, float]] | None  # per layer: mean, median, min, max
+  posterior_std: dict[str, dict[str, float]] | None  # per layer: size, mean, median, min, max
   history: list[dict[str, float]]  # per epoch: loss, validation accuracy
   wall_time_s: float
   files: dict[str, str]  # name -> path of what was written
@@ -402,11 +402,12 @@ def _leaf_name(path) -> str:
 
 
 def posterior_std_summary(std) -> dict[str, dict[str, float]]:
-  """Per parameter leaf (``"Conv_0/kernel"`` ...): mean, median, min and max of the std."""
+  """Per parameter leaf (``"Conv_0/kernel"`` ...): size, mean, median, min and max of the std."""
   summary = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(std)[0]:
     values = np.asarray(leaf, np.float64).ravel()
     summary[_leaf_name(path)] = {
+      "size": int(values.size),
       "mean": float(values.mean()),
       "median": float(np.median(values)),
       "min": float(values.min()),
