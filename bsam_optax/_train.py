@@ -141,11 +141,11 @@ def _with_l2(config, tx):
   return optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
 
 
-_NO_RHO = {"rho": 0.0}  # unused by one-gradient methods; recorded as 0
-
+# Defaults picked by validation accuracy on MNIST-1D / CNN / 40 epochs / seed 0 from a few one-at-a-time runs, not
+# a full grid (bSAM: α 0.2, 0.5, 1; β2 0.99, 0.999; γ 0.01, 0.1; ρ 0.02, 0.05; N x 1, 2, 4, 8 — α = 1 and γ = 0.01
+# diverged; Adam: α 1e-3 to 3e-2, L2 1e-4 to 1e-2; SGD: α 0.1, 0.5). β2 = 0.99 lets bSAM's scale s adapt within
+# the ~1k steps of the run. Seeds 1 and 2 of the bSAM default reach the same validation accuracy (0.96).
 OPTIMIZERS: dict[str, Optimizer] = {
-  # Tuned on MNIST-1D / CNN / 40 epochs (validation accuracy): β2 = 0.99 lets the
-  # scale s adapt within the ~1k steps of the run.
   "bsam": Optimizer(
     _bsam_tx,
     _bsam_make_step,
@@ -156,25 +156,26 @@ OPTIMIZERS: dict[str, Optimizer] = {
     lambda c, lr, n: _with_l2(c, optax.adam(lr, b1=c.b1, b2=c.b2)),
     _gradient_make_step,
     bayesian=False,
-    defaults={"learning_rate": 3e-3, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, **_NO_RHO},
+    defaults={"learning_rate": 3e-2, "weight_decay": 1e-3, "rho": 0.0, "b1": 0.9, "b2": 0.999},
   ),
   "sgd": Optimizer(
     lambda c, lr, n: _with_l2(c, optax.sgd(lr, momentum=c.b1)),
     _gradient_make_step,
     bayesian=False,
-    defaults={"learning_rate": 0.1, "weight_decay": 5e-4, "b1": 0.9, "b2": 0.0, **_NO_RHO},
+    defaults={"learning_rate": 0.1, "weight_decay": 1e-3, "rho": 0.0, "b1": 0.9, "b2": 0.0},
   ),
+  # SAM-SGD / SAM-Adam: the baselines' settings with SAM's ρ (not tuned further).
   "sam_sgd": Optimizer(
     lambda c, lr, n: _with_l2(c, optax.sgd(lr, momentum=c.b1)),
     _sam_make_step,
     bayesian=False,
-    defaults={"learning_rate": 0.1, "weight_decay": 5e-4, "rho": 0.05, "b1": 0.9, "b2": 0.0},
+    defaults={"learning_rate": 0.1, "weight_decay": 1e-3, "rho": 0.05, "b1": 0.9, "b2": 0.0},
   ),
   "sam_adam": Optimizer(
     lambda c, lr, n: _with_l2(c, optax.adam(lr, b1=c.b1, b2=c.b2)),
     _sam_make_step,
     bayesian=False,
-    defaults={"learning_rate": 3e-3, "weight_decay": 1e-4, "rho": 0.05, "b1": 0.9, "b2": 0.999},
+    defaults={"learning_rate": 3e-2, "weight_decay": 1e-3, "rho": 0.05, "b1": 0.9, "b2": 0.999},
   ),
 }
 
