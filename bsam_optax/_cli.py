@@ -174,8 +174,10 @@ _COLUMNS = (("accuracy", "accuracy"), ("nll", "NLL"), ("brier", "Brier"), ("ece"
 
 def _print_report(result, data, print_fn=print) -> None:
   c = result.config
-  rows = {"posterior mean": result.metrics["posterior_mean"]}
-  if "model_average" in result.metrics:
+  if "point_estimate" in result.metrics:
+    rows = {"point estimate": result.metrics["point_estimate"]}
+  else:
+    rows = {"posterior mean": result.metrics["posterior_mean"]}
     rows[f"model average (S={c.eval_samples})"] = result.metrics["model_average"]
   width = max(len(name) for name in rows) + 2
   header = "".join(f"{label:>10}" for _, label in _COLUMNS) + f"{'OOD AUROC':>11}"

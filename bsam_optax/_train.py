@@ -7,7 +7,7 @@
   step     = OPTIMIZERS[config.optimizer].make_step(...)  # e.g. bo.bsam_step(loss, tx, m)
   for epoch: lax.scan(step, epoch_batches(fold_in(k_data, epoch), data.train, B))
   evaluate on data.test (and data.ood):
-    posterior mean   p(y|x, ω)
+    posterior mean   p(y|x, ω)         ("point_estimate" for non-Bayesian optimizers)
     model average    1/S Σ_j p(y|x, θ_j), θ_j ~ N(ω, 1/(N s))    (bayesian optimizers only)
   metrics: accuracy, NLL, Brier, ECE (20 bins), AUROC (misclassification), OOD AUROC
 
@@ -189,7 +189,7 @@ class TrainResult:
   params: Any  # ω, the posterior mean (the weights, for non-Bayesian optimizers)
   opt_state: Any
   batch_stats: Any  # None without BatchNorm
-  metrics: dict[str, dict[str, float]]  # "posterior_mean" and (bayesian) "model_average"
+  metrics: dict[str, dict[str, float]]  # "posterior_mean" and "model_average", or "point_estimate"
   posterior_std: dict[str, dict[str, float]] | None  # per layer: size, mean, median, min, max
   history: list[dict[str, float]]  # per epoch: loss, validation accuracy
   wall_time_s: float
@@ -488,6 +488,9 @@ def train(config: TrainConfig) -> TrainResult:
   metrics, bins = evaluate(
     apply_fn, params, opt_state, data, eval_key, num_samples=config.eval_samples, num_bins=config.num_bins
   )
+  if not spec.bayesian:  # no posterior: the weights are a point estimate
+    metrics = {"point_estimate": metrics["posterior_mean"]}
+    bins = {"point_estimate": bins["posterior_mean"]}
   std_summary, std = None, None
   if spec.bayesian:
     _, std = _bsam.posterior(params, opt_state)
@@ -540,6 +543,7 @@ def reliability_figure(bins: dict[str, _metrics.ReliabilityBins], title: str = "
 def posterior_std_figure(std, title: str = "posterior std per layer"):
   """Histograms of log10 of the posterior std, one panel per parameter leaf."""
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   leaves = jax.tree_util.tree_flatten_with_path(std)[0]
   cols = min(4, len(leaves))
@@ -550,6 +554,8 @@ def posterior_std_figure(std, title: str = "posterior std per layer"):
     ax.hist(values, bins=40, color="tab:blue")
     ax.set_title(f"{_leaf_name(path)} ({values.size})", fontsize=9)
     ax.set_xlabel("log10 std", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.tick_params(labelsize=7)
   for ax in axes.ravel()[len(leaves) :]:
     ax.axis("off")
   fig.suptitle(title)

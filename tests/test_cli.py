@@ -49,7 +49,8 @@ def test_tiny_run_prints_metrics_and_writes_files(tmp_path, capsys):
 def test_baseline_prints_no_model_average(tmp_path, capsys):
   assert _cli.main(TINY + ["--optimizer", "adam", "--model", "mlp", "--out", str(tmp_path)]) == 0
   printed = capsys.readouterr().out
-  assert "posterior mean" in printed and "model average" not in printed and "posterior std" not in printed
+  assert "point estimate" in printed and "posterior mean" not in printed and "model average" not in printed
+  assert "posterior std" not in printed
   assert not (tmp_path / "posterior_std.png").exists()
 
 

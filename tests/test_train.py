@@ -83,9 +83,9 @@ def test_same_seed_same_parameters(bsam_result):
 @pytest.mark.parametrize("optimizer", ["adam", "sam_adam"])
 def test_every_registered_optimizer_trains(optimizer, tmp_path):
   r = _train.train(dataclasses.replace(TINY, optimizer=optimizer, out_dir=str(tmp_path)))
-  assert set(r.metrics) == {"posterior_mean"}  # no posterior: no model average
+  assert set(r.metrics) == {"point_estimate"}  # no posterior: no model average
   assert r.posterior_std is None and "posterior_std" not in r.files
-  assert all(math.isfinite(v) for v in r.metrics["posterior_mean"].values())
+  assert all(math.isfinite(v) for v in r.metrics["point_estimate"].values())
 
 
 def test_batch_norm():
