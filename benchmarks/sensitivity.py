@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -40,19 +41,24 @@ DEFAULTS = {
   "sam_adam": {"learning_rate": 1e-2, "weight_decay": 1e-3, "rho": 0.05},
   "bsam": {"learning_rate": 0.3, "weight_decay": 1e-4, "rho": 0.02},
 }
-RHOS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]
+RHOS = [0.01, 0.03, 0.1, 0.3, 1.0]
 QUICK_RHOS = [0.01, 0.1]
 SAMPLES = [1, 2, 4, 8, 16, 32, 64]
 MS = [1, 2, 4, 8, 16]
 QUICK_MS = [1, 8]
 
 
-def selected_configs(model: str, path: str) -> tuple[dict[str, dict[str, float]], dict[str, float], str]:
-  """The configurations selected by uncertainty.py for ``model``, the bSAM overrides, and their source."""
+def selected_configs(model: str, paths: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, float], str]:
+  """The configurations selected by uncertainty.py for ``model``, the bSAM overrides, and their source.
+
+  ``paths`` are summaries written by uncertainty.py (``*.json``); a later one
+  overrides an earlier one for the methods it has (e.g. a bSAM recipe run).
+  """
   configs = {k: dict(v) for k, v in DEFAULTS.items()}
-  source = "DEFAULTS in benchmarks/sensitivity.py"
-  bsam_fixed = {}
-  if os.path.exists(path):
+  sources, bsam_fixed = [], {}
+  for path in paths:
+    if not os.path.exists(path):
+      continue
     with open(path) as f:
       summary = json.load(f)
     rows = summary.get(model, {})
@@ -60,9 +66,10 @@ def selected_configs(model: str, path: str) -> tuple[dict[str, dict[str, float]]
       label = U.LABELS[method] + (" (model avg)" if method in U.BAYESIAN else "")
       if label in rows:
         configs[method] = dict(rows[label]["config"])
-    bsam_fixed = summary.get("_bsam_fixed", {})
-    source = os.path.relpath(path, os.path.dirname(U.RESULTS))
-  return configs, bsam_fixed, source
+        if method == "bsam":
+          bsam_fixed = summary.get("_bsam_fixed", {})
+    sources.append(os.path.relpath(path, os.path.dirname(U.RESULTS)))
+  return configs, bsam_fixed, " and ".join(sources) or "DEFAULTS in benchmarks/sensitivity.py"
 
 
 def runs(method, setup, data, config, seeds, fixed=None, vary=None, eval_samples_list=None):
@@ -78,8 +85,8 @@ def row(label, metrics, pred, index=0):
   return f"| {label} | " + " | ".join(U.metric_cells(test)) + " |"
 
 
-HEADER = "| {} | accuracy (%) ↑ | NLL ↓ | ECE ↓ | AUROC ↑ | OOD AUROC ↑ |"
-RULE = "|---|---|---|---|---|---|"
+HEADER = "| {} | accuracy (%) ↑ | NLL ↓ | ECE ↓ | AUROC ↑ | OOD AUROC ↑ | conf. − acc. (%) |"
+RULE = "|---|---|---|---|---|---|---|"
 
 
 def rho_plot(results, path, title):
@@ -111,7 +118,12 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=None, help="default 3; quick 1")
   parser.add_argument("--epochs", type=int, default=None, help="default 60; quick 5")
   parser.add_argument("--parts", nargs="+", default=["rho", "samples", "noise", "m"])
-  parser.add_argument("--configs", default=os.path.join(U.RESULTS, "uncertainty.json"))
+  parser.add_argument(
+    "--configs",
+    nargs="+",
+    default=[os.path.join(U.RESULTS, "uncertainty.json")],
+    help="summaries of uncertainty.py to take the configurations from; later ones override earlier ones",
+  )
   parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/sensitivity[_quick].md)")
   args = parser.parse_args(argv)
   quick = args.quick
@@ -131,7 +143,7 @@ def main(argv=None):
   lines = [
     f"# bSAM ablations on MNIST-1D / {args.model.upper()} (paper Fig. 4, Tables 3, 4, 5)",
     "",
-    "Command: `" + " ".join(["python benchmarks/sensitivity.py", *argv]) + "`",
+    "Command: `" + shlex.join(["python", "benchmarks/sensitivity.py", *argv]) + "`",
     "",
     f"Same task and training as `uncertainty.md` ({epochs} epochs, batch 128, m = 8 unless varied), "
     f"{len(seeds)} seed(s), test-set mean ± std. Base configurations (from {source}): "

@@ -3,22 +3,26 @@
 MNIST-1D (generated offline, 3600 train / 400 validation / 1000 test; OOD: the
 test sequences with their positions permuted), no data augmentation, an MLP
 and a small 1-D CNN. For every method a grid of hyper-parameters (``GRIDS``)
-is trained with several seeds; the configuration with the best mean
-validation accuracy (ties: lower validation NLL) is reported on the test set
-as mean ± std over the seeds: accuracy, NLL, ECE (20 bins), AUROC
-(misclassification, by confidence) and OOD AUROC (by predictive entropy).
-bSAM is reported for its posterior mean ω and for the model average over
-``S`` posterior samples, and is selected by the model average's validation
-accuracy.
+is trained with several seeds. The configuration with the best mean
+validation accuracy (ties: lower validation NLL; the paper's protocol) is
+reported on the test set as mean ± std over the seeds: accuracy, NLL, ECE
+(20 bins), AUROC (misclassification, by confidence), OOD AUROC (by predictive
+entropy) and mean confidence minus accuracy; a second table selects by
+validation NLL instead. bSAM is reported for its posterior mean ω and for the
+model average over ``S`` posterior samples, and is selected by the model
+average.
 
 Every run of a method (grid point x seed) is one ``jax.vmap`` lane of a single
 compiled function that trains all epochs (``lax.scan`` over epochs and
-minibatches) and evaluates, so a whole grid costs one compilation.
+minibatches) and evaluates, so a whole grid costs one compilation. All
+per-run numbers are kept in ``<out>_grid.json``; ``--from-grid`` re-renders
+the tables from it without training.
 
 Usage::
 
-  python benchmarks/uncertainty.py --quick       # ~1 min: tiny grid, 2 seeds, few epochs
-  python benchmarks/uncertainty.py               # the committed table (benchmarks/results/uncertainty.md)
+  python benchmarks/uncertainty.py --quick       # ~30 s: one config per method, 2 seeds, 5 epochs
+  python benchmarks/uncertainty.py               # benchmarks/results/uncertainty.md (~1 h on 2 CPU cores)
+  python benchmarks/uncertainty.py --methods bsam --bsam '{"n_data_scale": 4}' --out ...  # a bSAM variant
 """
 
 import argparse
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -94,7 +99,7 @@ LABELS = {
   "asam": "ASAM-SGD",
 }
 BAYESIAN = ("bsam", "bsam_no_noise")
-METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc")
+METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +172,7 @@ def build_method(method: str, hp: dict[str, Any], loss_fn: Callable, total_steps
 def _metrics_of(probs, labels, probs_ood, num_bins):
   out = _metrics.classification_metrics(probs, labels, num_bins)
   out["ood_auroc"] = _metrics.ood_auroc(probs, probs_ood)
+  out["confidence"] = jnp.mean(jnp.max(probs, axis=-1))  # > accuracy: overconfident
   return {k: out[k] for k in METRICS}
 
 
@@ -262,13 +268,21 @@ def _product(lists):
   return [(x,) + rest for x in lists[0] for rest in _product(lists[1:])]
 
 
-def select(metrics, pred):
-  """Index of the configuration with the best mean validation accuracy (ties: lower NLL)."""
+SELECTIONS = {
+  "accuracy": "the best mean validation accuracy (ties: lower validation NLL), as in the paper (App. G.1)",
+  "nll": "the lowest mean validation NLL",
+}
+
+
+def select(metrics, pred, by="accuracy"):
+  """Index of the configuration with the best mean validation accuracy (ties: lower NLL) or NLL."""
   val = metrics[pred]["validation"]
-  acc = val["accuracy"].mean(axis=1)
-  nll = val["nll"].mean(axis=1)
+  acc = np.asarray(val["accuracy"]).mean(axis=1)
+  nll = np.asarray(val["nll"]).mean(axis=1)
   acc = np.where(np.isfinite(acc), acc, -np.inf)
   nll = np.where(np.isfinite(nll), nll, np.inf)
+  if by == "nll":
+    return int(np.argmin(nll))
   best = np.flatnonzero(acc >= acc.max() - 1e-9)
   return int(best[np.argmin(nll[best])])
 
@@ -290,11 +304,12 @@ def metric_cells(test: dict[str, np.ndarray]) -> list[str]:
     fmt(test["ece"], 3),
     fmt(test["auroc"], 3),
     fmt(test["ood_auroc"], 3),
+    fmt(np.asarray(test["confidence"]) - np.asarray(test["accuracy"]), 1, 100),
   ]
 
 
-HEADER = "| method | selected config | accuracy (%) ↑ | NLL ↓ | ECE ↓ | AUROC ↑ | OOD AUROC ↑ |"
-RULE = "|---|---|---|---|---|---|---|"
+HEADER = "| method | selected config | accuracy (%) ↑ | NLL ↓ | ECE ↓ | AUROC ↑ | OOD AUROC ↑ | conf. − acc. (%) |"
+RULE = "|---|---|---|---|---|---|---|---|"
 
 
 def config_str(config: dict[str, float]) -> str:
@@ -302,10 +317,10 @@ def config_str(config: dict[str, float]) -> str:
   return ", ".join(f"{short.get(k, k)}={v:g}" for k, v in sorted(config.items()))
 
 
-def rows_for(method, configs, metrics):
+def rows_for(method, configs, metrics, by="accuracy"):
   """Markdown rows of the selected configuration (two for bSAM: posterior mean and model average)."""
   preds = [("average", " (model avg)"), ("mean", " (post. mean)")] if method in BAYESIAN else [("mean", "")]
-  best = select(metrics, preds[0][0])
+  best = select(metrics, preds[0][0], by)
   rows, summary = [], {}
   for pred, suffix in preds:
     test = {k: v[best] for k, v in metrics[pred]["test"].items()}
@@ -313,7 +328,7 @@ def rows_for(method, configs, metrics):
     summary[LABELS[method] + suffix] = {
       "config": configs[best],
       **{k: [float(x) for x in v] for k, v in test.items()},
-      "validation_accuracy": [float(x) for x in metrics[pred]["validation"]["accuracy"][best]],
+      "validation_accuracy": [float(x) for x in np.asarray(metrics[pred]["validation"]["accuracy"])[best]],
     }
   return rows, summary
 
@@ -349,74 +364,120 @@ def parse_args(argv):
     default=None,
     help="JSON of fixed bSAM settings, e.g. '{\"n_data_scale\": 10}' (a recipe; default: FIXED)",
   )
+  parser.add_argument("--grid", default=None, help="JSON of grids {model: {method: {name: [values]}}} to use instead")
   parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/uncertainty[_quick].md)")
+  parser.add_argument("--from-grid", default=None, help="re-render the tables from a saved *_grid.json, no training")
   return parser.parse_args(argv)
 
 
-def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  quick = args.quick
-  models = args.models or (["mlp"] if quick else ["mlp", "cnn"])
-  methods = args.methods or list(QUICK_GRIDS)
-  grids = {model: {k: (QUICK_GRIDS if quick else GRIDS[model])[k] for k in methods} for model in models}
-  seeds = list(range(args.seeds or (2 if quick else 3)))
-  epochs = args.epochs or (5 if quick else 60)
-  bsam_fixed = json.loads(args.bsam) if args.bsam else {}
-  out = args.out or os.path.join(RESULTS, "uncertainty_quick.md" if quick else "uncertainty.md")
-  data = _data.load_dataset("mnist1d")
+def _to_lists(tree):
+  return jax.tree.map(lambda x: np.asarray(x).tolist(), tree)
 
+
+def render(results, info, argv_str):
+  """The markdown report of ``results[model][method] = (configs, metrics)``."""
   lines = [
     "# Accuracy and uncertainty on MNIST-1D (paper Table 1 / 6 analogue)",
     "",
-    "Command: `" + " ".join(["python benchmarks/uncertainty.py", *(sys.argv[1:] if argv is None else argv)]) + "`",
+    "Command: `" + f"python benchmarks/uncertainty.py {argv_str}".strip() + "`",
     "",
-    f"MNIST-1D ({data.train.y.shape[0]} train / {data.validation.y.shape[0]} validation / "
-    f"{data.test.y.shape[0]} test), no augmentation; OOD = {data.ood_description}. "
-    f"{epochs} epochs, batch 128, cosine learning rate to 0; SAM-SGD, SAM-Adam and bSAM with m = 8. "
-    f"{len(seeds)} seeds (mean ± std). Every grid point is trained with every seed; the configuration "
-    "with the best mean validation accuracy (ties: validation NLL) is reported on the test set "
-    "(bSAM: selected by its model average). bSAM's model average uses "
-    f"S = {args.eval_samples} posterior samples. ECE with 20 bins; AUROC = misclassification "
-    "detection by confidence; OOD AUROC = OOD detection by predictive entropy.",
+    f"MNIST-1D ({info['sizes']}), no augmentation; OOD = {info['ood']}. {info['epochs']} epochs, batch 128, "
+    "cosine learning rate to 0; SAM-SGD, SAM-Adam and bSAM with m = 8. "
+    f"{info['seeds']} seeds (mean ± std over seeds). Every grid point is trained with every seed; "
+    "the selected configuration (below) is reported on the test set (bSAM: selected by its model average). "
+    f"bSAM's model average uses S = {info['eval_samples']} posterior samples. ECE with 20 bins; "
+    "AUROC = misclassification detection by confidence; OOD AUROC = OOD detection by predictive entropy; "
+    "conf. − acc. = mean max-probability minus accuracy on the test set (> 0: overconfident).",
     "",
-    "Grid (every method also has its fixed settings: SGD momentum 0.9; Adam β = (0.9, 0.999); "
-    f"bSAM β = (0.9, 0.999), γ = {FIXED['damping']}, s₀ = {FIXED['init_scale']}, N = train size"
-    + (f"; bSAM overrides {bsam_fixed}" if bsam_fixed else "")
-    + "):",
+    "Fixed settings: SGD momentum 0.9; Adam β = (0.9, 0.999); bSAM β = (0.9, 0.999), "
+    f"γ = {FIXED['damping']}, s₀ = {FIXED['init_scale']}, N = train size"
+    + (f"; bSAM overrides {info['bsam_fixed']}" if info["bsam_fixed"] else "")
+    + ". Grids:",
     "",
   ]
-  for model in models:
+  for model, grids in info["grids"].items():
     lines += [f"{model.upper()} ({'40-128-128-10' if model == 'mlp' else '3 x conv(16, k=5, stride 2)'}):", ""]
-    lines += [grid_str(grids[model]), ""]
-  summary = {"_bsam_fixed": bsam_fixed}
-  setup_times = {}
-  for model in models:
-    setup = Setup(model=model, epochs=epochs, eval_samples=args.eval_samples)
-    lines += [f"## {model.upper()}", "", HEADER, RULE]
-    summary[model] = {}
-    for method in methods:
-      start = time.perf_counter()
-      fixed = bsam_fixed if method in BAYESIAN else None
-      configs, metrics = run_grid(method, setup, data, grids[model][method], seeds, fixed)
-      elapsed = time.perf_counter() - start
-      setup_times[f"{model}/{method}"] = elapsed
-      rows, s = rows_for(method, configs, metrics)
-      lines += rows
-      summary[model].update(s)
-      print(f"{model} {method}: {len(configs)} configs x {len(seeds)} seeds in {elapsed:.0f} s", flush=True)
-      for row in rows:
-        print("  " + row, flush=True)
-    lines.append("")
+    lines += [grid_str(grids), ""]
+  summary = {"_bsam_fixed": info["bsam_fixed"]}
+  for by, description in SELECTIONS.items():
+    title = f"## Selected by validation {by.replace('nll', 'NLL')}"
+    lines += [title, "", f"Each method's configuration with {description}.", ""]
+    for model, per_method in results.items():
+      lines += [f"### {model.upper()}", "", HEADER, RULE]
+      for method, (configs, metrics) in per_method.items():
+        rows, row_summary = rows_for(method, configs, metrics, by)
+        lines += rows
+        if by == "accuracy":
+          summary.setdefault(model, {}).update(row_summary)
+      lines.append("")
   lines += [
     "Wall time per method (all grid points and seeds, compilation included): "
-    + ", ".join(f"{k} {v:.0f} s" for k, v in setup_times.items())
-    + f". {environment()}.",
+    + ", ".join(f"{k} {v:.0f} s" for k, v in info["times"].items())
+    + f". {info['environment']}.",
     "",
   ]
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  return "\n".join(lines), summary
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  out = args.out or os.path.join(RESULTS, "uncertainty_quick.md" if args.quick else "uncertainty.md")
+  stem = os.path.splitext(out)[0]
+  if args.from_grid:
+    with open(args.from_grid) as f:
+      saved = json.load(f)
+    results = {
+      model: {method: (r["configs"], jax.tree.map(np.asarray, r["metrics"])) for method, r in per.items()}
+      for model, per in saved["results"].items()
+    }
+    info, argv_str = saved["info"], saved["argv"]
+  else:
+    quick = args.quick
+    models = args.models or (["mlp"] if quick else ["mlp", "cnn"])
+    methods = args.methods or list(QUICK_GRIDS)
+    all_grids = json.loads(args.grid) if args.grid else (None if quick else GRIDS)
+    grids = {m: {k: (all_grids[m] if all_grids else QUICK_GRIDS)[k] for k in methods} for m in models}
+    seeds = list(range(args.seeds or (2 if quick else 3)))
+    epochs = args.epochs or (5 if quick else 60)
+    bsam_fixed = json.loads(args.bsam) if args.bsam else {}
+    data = _data.load_dataset("mnist1d")
+    results, times = {}, {}
+    for model in models:
+      setup = Setup(model=model, epochs=epochs, eval_samples=args.eval_samples)
+      results[model] = {}
+      for method in methods:
+        start = time.perf_counter()
+        fixed = bsam_fixed if method in BAYESIAN else None
+        results[model][method] = run_grid(method, setup, data, grids[model][method], seeds, fixed)
+        times[f"{model}/{method}"] = time.perf_counter() - start
+        print(
+          f"{model} {method}: {len(results[model][method][0])} configs x {len(seeds)} seeds "
+          f"in {times[f'{model}/{method}']:.0f} s",
+          flush=True,
+        )
+        for row in rows_for(method, *results[model][method])[0]:
+          print("  " + row, flush=True)
+    info = {
+      "sizes": f"{data.train.y.shape[0]} train / {data.validation.y.shape[0]} validation / {data.test.y.shape[0]} test",
+      "ood": data.ood_description,
+      "epochs": epochs,
+      "seeds": len(seeds),
+      "eval_samples": args.eval_samples,
+      "bsam_fixed": bsam_fixed,
+      "grids": grids,
+      "times": times,
+      "environment": environment(),
+    }
+    argv_str = shlex.join(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(stem + "_grid.json", "w") as f:
+      saved = {m: {k: {"configs": c, "metrics": _to_lists(v)} for k, (c, v) in r.items()} for m, r in results.items()}
+      json.dump({"argv": argv_str, "info": info, "results": saved}, f)
+  text, summary = render(results, info, argv_str)
   with open(out, "w") as f:
-    f.write("\n".join(lines))
-  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    f.write(text)
+  with open(stem + ".json", "w") as f:
     json.dump(summary, f, indent=1)
   print(f"wrote {out}")
   return summary
