@@ -18,34 +18,24 @@ from bsam_optax import _models
 __all__ = ["main"]
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-  return value
+def _parser(cast, lower: float, what: str):
+  """An argparse type: ``cast(text)``, finite and ``>= lower``, else "expected {what}"."""
+
+  def parse(text: str):
+    try:
+      value = cast(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not value >= lower or value == float("inf"):
+      raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+  return parse
 
 
-def _nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-  return value
-
-
-def _nonnegative_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-  if not value >= 0 or value == float("inf"):
-    raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-  return value
+_positive_int = _parser(int, 1, "a positive integer")
+_nonnegative_int = _parser(int, 0, "an integer >= 0")
+_nonnegative_float = _parser(float, 0.0, "a finite number >= 0")
 
 
 def _positive_float(text: str) -> float:

@@ -171,7 +171,7 @@ def sam_step(
   has_aux: bool = False,
   aux_from: Literal["first", "second"] = "second",
   thread_aux: bool = False,
-  split: Literal["vmap", "scan"] = "vmap",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
   eps: float = 1e-12,
 ):
@@ -202,7 +202,8 @@ def sam_step(
       ``"second"`` (at ω + ε).
     thread_aux: feed the first pass's ``aux`` to the second pass as its first
       loss_arg (BatchNorm statistics updated by both passes).
-    split: ``"vmap"`` or ``"scan"`` over the parts.
+    split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the parts; see
+      :func:`~bsam_optax.make_perturbation_step`.
     donate: donate ``params`` and ``opt_state`` to the step.
     eps: added to ‖g‖ in the denominator.
 
@@ -260,7 +261,7 @@ def asam_step(
   has_aux: bool = False,
   aux_from: Literal["first", "second"] = "second",
   thread_aux: bool = False,
-  split: Literal["vmap", "scan"] = "vmap",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
   eps: float = 1e-12,
 ):
@@ -337,7 +338,7 @@ def random_sam_step(
   axis_name: str | None = None,
   mesh: Mesh | None = None,
   has_aux: bool = False,
-  split: Literal["vmap", "scan"] = "vmap",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
 ):
   """The compiled RandomSAM step (Ujváry et al., Alg. 2): one gradient at a Gaussian perturbation.
@@ -409,7 +410,7 @@ def bsam_no_noise_step(
   has_aux: bool = False,
   aux_from: Literal["first", "second"] = "second",
   thread_aux: bool = False,
-  split: Literal["vmap", "scan"] = "vmap",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
 ):
   """bSAM without noise, the ablation of the paper's Sec. F.5 / Table 3.
