@@ -13,6 +13,7 @@ import sys
 import time
 
 from bsam_optax import _data
+from bsam_optax import _distributed
 from bsam_optax import _models
 
 __all__ = ["main"]
@@ -127,6 +128,12 @@ def _parsers(optimizers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPars
   run.add_argument("--seed", type=_nonnegative_int, default=d.seed, help="the one seed of init, data order and noise")
   run.add_argument("--out", default="bsam_optax_out", help="output folder (created); PNGs and metrics.json go here")
   run.add_argument("--no-progress", action="store_true", help="no progress bar")
+  run.add_argument(
+    "--data-parallel",
+    action="store_true",
+    help="spread each batch and its m parts over all devices (GPUs; on by itself with several processes)",
+  )
+  _distributed.add_launcher_arguments(train)
   return parser, train
 
 
@@ -156,6 +163,7 @@ def _config(args):
     seed=args.seed,
     out_dir=args.out,
     progress=not args.no_progress,
+    data_parallel=args.data_parallel,
   )
 
 
@@ -198,9 +206,19 @@ def _print_report(result, data, print_fn=print) -> None:
 
 
 def _train_command(parser, args) -> int:
+  import jax
+
   from bsam_optax import _train
 
   start = time.perf_counter()
+  # Before anything touches JAX's devices: join a multi-process run if the flags or the environment ask for it.
+  try:
+    multi_process = _distributed.initialize_from_args(args)
+  except (TypeError, ValueError) as err:
+    parser.error(str(err))
+  if multi_process:
+    args.data_parallel = True
+  say = print if jax.process_index() == 0 else lambda *_, **__: None
   try:
     config = _train.check_config(_config(args))
   except ValueError as err:
@@ -209,15 +227,20 @@ def _train_command(parser, args) -> int:
   n_train = len(data.train.y) if config.train_subset is None else min(config.train_subset, len(data.train.y))
   hyper = ", ".join(f"{k}={getattr(config, k)}" for k in ("learning_rate", "weight_decay", "rho", "b1", "b2"))
   bsam_only = f", damping={config.damping}, init_scale={config.init_scale}" if config.optimizer == "bsam" else ""
-  print(
+  devices = ""
+  if config.data_parallel:
+    devices = (
+      f"; data parallel over {jax.device_count()} {jax.default_backend()} devices in {jax.process_count()} process(es)"
+    )
+  say(
     f"{config.optimizer} / {config.model} / {config.dataset}: {n_train} train, {len(data.validation.y)} validation, "
     f"{len(data.test.y)} test examples; {config.epochs} epochs of batch {config.batch_size}, m={config.m}, "
-    f"seed {config.seed}\n{hyper}{bsam_only}",
+    f"seed {config.seed}{devices}\n{hyper}{bsam_only}",
     flush=True,
   )
   result = _train.train(config)
-  _print_report(result, data)
-  print(f"wall time {time.perf_counter() - start:.1f} s")
+  _print_report(result, data, say)
+  say(f"wall time {time.perf_counter() - start:.1f} s")
   return 0
 
 

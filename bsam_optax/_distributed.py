@@ -196,7 +196,7 @@ def initialize(
 
   Example (two processes, each with its own ``process_id``)::
 
-    from bsam_optax import _distributed as dist
+    import bsam_optax.distributed as dist
     dist.initialize("10.0.0.1:1234", num_processes=2, process_id=0)
   """
   coordinator_address = coordinator_address or os.environ.get(_ENV_ADDRESS) or None

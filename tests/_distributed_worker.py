@@ -79,7 +79,7 @@ def _train(args) -> None:
   import orbax.checkpoint as ocp
 
   import bsam_optax as bo
-  from bsam_optax import _distributed as dist
+  import bsam_optax.distributed as dist
 
   mesh = dist.data_mesh("data")
   pid, nproc = jax.process_index(), jax.process_count()
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
 
-  from bsam_optax import _distributed as dist
+  import bsam_optax.distributed as dist
 
   dist.initialize(
     args.coordinator,

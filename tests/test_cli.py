@@ -69,6 +69,10 @@ def test_baseline_prints_no_model_average(tmp_path, capsys):
     (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["--batch-size", "4096"], "exceeds the 128 training examples"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    # conftest.py gives this process 8 CPU devices
+    (["--data-parallel", "--m", "4"], r"m=4 must be divisible by the number of devices \(8"),
+    (["--num-processes", "0"], "num_processes must be >= 1"),
+    (["--coordinator", "no-port"], "coordinator_address must be 'host:port'"),
   ],
 )
 def test_bad_flags_exit_2_with_a_message(flags, message, tmp_path, capsys):

@@ -8,6 +8,7 @@ test process has 8, see conftest.py), joined through a coordinator on
 
 import argparse
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -23,7 +24,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 import bsam_optax as bo
-from bsam_optax import _distributed as dist
+import bsam_optax.distributed as dist
+from bsam_optax import _distributed
+from bsam_optax import _train
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distributed_worker.py")
 # float32; the processes' pmean sums the devices' gradients in another order
@@ -57,16 +60,14 @@ def _child_env() -> dict:
   return env
 
 
-def _run(tmp_path, commands, timeout_s):
-  """Runs the worker commands side by side; returns [(returncode, output)], killing all on timeout."""
+def _run(tmp_path, commands, timeout_s, program=(sys.executable, WORKER)):
+  """Runs ``program`` with each of the commands side by side; returns [(returncode, output)], killing all on timeout."""
   procs, logs = [], []
   try:
     for i, args in enumerate(commands):
       log = open(tmp_path / f"process_{i}.log", "w+")
       logs.append(log)
-      procs.append(
-        subprocess.Popen([sys.executable, WORKER, *args], env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
-      )
+      procs.append(subprocess.Popen([*program, *args], env=_child_env(), stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout_s
     for proc in procs:
       proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -199,6 +200,48 @@ def test_checkpoint_from_two_processes_restores_into_one(two_process_run):
   assert int(s.count) == worker.STEPS + 1 and np.isfinite(float(out_["loss"]))
 
 
+# The main job, small: 2 epochs of bSAM on digits, m=4 (one part per device of the 2 x 2).
+MAIN_JOB = _train.TrainConfig(
+  dataset="digits", model="mlp", epochs=2, batch_size=64, m=4, width=8, eval_samples=4, progress=False
+)
+
+
+def test_main_job_two_processes_equal_one_device(tmp_path):
+  # `bsam-optax train` launched as 2 processes x 2 devices (the launcher flags) against train() here with m=4
+  # on one device: the printed and written metrics and the posterior std summary agree, and only process 0 writes.
+  c = MAIN_JOB
+  flags = ["train", "--dataset", c.dataset, "--model", c.model, "--epochs", str(c.epochs)]
+  flags += ["--batch-size", str(c.batch_size), "--m", str(c.m), "--width", str(c.width)]
+  flags += ["--eval-samples", str(c.eval_samples), "--no-progress", "--init-timeout", "60"]
+  port = _free_port()
+  commands = [
+    flags
+    + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+    + ["--out", str(tmp_path / f"out_{i}")]
+    for i in range(2)
+  ]
+  start = time.monotonic()
+  results = _run(tmp_path, commands, RUN_TIMEOUT_S, program=(sys.executable, "-m", "bsam_optax"))
+  print(f"two-process main job: {time.monotonic() - start:.1f} s")
+  for i, (code, text) in enumerate(results):
+    assert code == 0, f"process {i} exited with {code}:\n{text[-4000:]}"
+  assert "data parallel over 4 cpu devices in 2 process(es)" in results[0][1]
+  assert "model average (S=4)" in results[0][1] and "test metrics" not in results[1][1]
+  assert not (tmp_path / "out_1" / "metrics.json").exists()
+  written = json.loads((tmp_path / "out_0" / "metrics.json").read_text())
+  assert written["config"]["data_parallel"] is True
+
+  reference = _train.train(c)
+  for name, metrics in reference.metrics.items():
+    for key, value in metrics.items():
+      assert written["metrics"][name][key] == pytest.approx(value, abs=1e-5), (name, key)
+  for leaf, summary in reference.posterior_std.items():
+    for key, value in summary.items():
+      assert written["posterior_std"][leaf][key] == pytest.approx(value, rel=1e-5), (leaf, key)
+  losses = [h["loss"] for h in written["history"]]
+  assert losses == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)
+
+
 def test_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
   start = time.monotonic()
   [(code, text)] = _run(tmp_path, [_args("init", _free_port(), 2, 1, "--timeout", "2")], 60)
@@ -292,7 +335,8 @@ def test_initialize_reads_the_environment(monkeypatch):
 
 def test_launcher_arguments_initialize_only_when_asked(monkeypatch):
   calls = []
-  monkeypatch.setattr(dist, "initialize", lambda *a, **k: calls.append((a, k)))
+  # initialize_from_args calls the implementation module's initialize
+  monkeypatch.setattr(_distributed, "initialize", lambda *a, **k: calls.append((a, k)))
   monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
     monkeypatch.delenv(name, raising=False)

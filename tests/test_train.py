@@ -115,6 +115,13 @@ def test_batch_norm():
     ({"b2": 1.0}, r"b2 must be in \[0, 1\)"),
     ({"seed": -3}, "seed must be an int >= 0"),
     ({"num_samples": 1000}, "mnist1d dataset only"),
+    ({"data_parallel": 1}, "data_parallel must be a bool"),
+    # conftest.py gives this process 8 CPU devices
+    ({"data_parallel": True, "m": 4}, r"m=4 must be divisible by the number of devices \(8 devices over 1 process"),
+    (
+      {"data_parallel": True, "optimizer": "adam", "m": 2, "batch_size": 12},
+      r"batch_size=12 must be divisible by the number of devices \(8",
+    ),
   ],
 )
 def test_check_config_errors(change, message):
@@ -142,3 +149,20 @@ def test_check_config_fills_optimizer_defaults():
     for field, value in spec.defaults.items():
       assert getattr(config, field) == value
   assert _train.check_config(dataclasses.replace(TINY, learning_rate=0.01)).learning_rate == 0.01
+
+
+@pytest.mark.parametrize("optimizer", ["bsam", "adam"])
+def test_data_parallel_equals_one_device(optimizer):
+  # The 8 devices of conftest.py, one m-sharpness part each (adam: one eighth of the batch each), against
+  # m=8 on one device: the same keys per part, so the same run up to the order of the sums over parts.
+  one = _train.train(dataclasses.replace(TINY, optimizer=optimizer, m=8))
+  spread = _train.train(dataclasses.replace(TINY, optimizer=optimizer, m=8, data_parallel=True))
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(spread.params), strict=True):
+    assert isinstance(b, jax.Array) and len(b.devices()) == 1
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(one.opt_state), jax.tree.leaves(spread.opt_state), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  for name, metrics in one.metrics.items():
+    for key, value in metrics.items():
+      assert spread.metrics[name][key] == pytest.approx(value, abs=1e-4), (name, key)
+  assert [h["loss"] for h in spread.history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
