@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from bsam_optax import _metrics as metrics
+import bsam_optax.metrics as metrics
 
 N, K, NUM_BINS = 500, 10, 20
 
