@@ -213,12 +213,15 @@ def main(argv=None):
     for method in ("bsam",) if quick else ("bsam", "sam_sgd"):
       pred = "average" if method in U.BAYESIAN else "mean"
       for m in ms:
-        _, metrics = timed(
-          f"m/{method}/{m}",
-          lambda method=method, m=m: runs(
-            method, dataclasses.replace(setup, m=m), data, configs[method], seeds, fixed.get(method)
-          ),
-        )
+        if method == "bsam" and m == setup.m and base is not None:
+          metrics = base  # the same runs (config, seeds, m) as the base: not trained twice
+        else:
+          _, metrics = timed(
+            f"m/{method}/{m}",
+            lambda method=method, m=m: runs(
+              method, dataclasses.replace(setup, m=m), data, configs[method], seeds, fixed.get(method)
+            ),
+          )
         lines.append(row(f"{U.LABELS[method]}{' (model avg)' if pred == 'average' else ''}, m={m}", metrics, pred))
     lines.append("")
 
