@@ -1,15 +1,22 @@
-"""The benchmarks' --quick modes run and write their tables.
+"""The benchmarks' --quick modes run, train every method and report sane numbers.
 
-About a minute each on two CPU cores (mostly compilation), so opt-in:
-``RUN_BENCHMARKS=1 pytest tests/test_benchmarks.py``.
+These are the CI modes of issue 4, shrunk further (1 seed, 2 epochs; cost.py at
+m = 1 only): about 2 minutes together on two CPU cores, almost all of it
+compilation. The numbers are checked for range, not for quality (2 epochs).
 """
 
 import importlib.util
+import math
 import os
+import re
 
 import pytest
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+needs_mnist1d = pytest.mark.skipif(importlib.util.find_spec("mnist1d") is None, reason="needs mnist1d")
+
+UNCERTAINTY_ROWS = ("SGD", "Adam", "SAM-SGD", "SAM-Adam", "bSAM (model avg)", "bSAM (post. mean)")
+CELL = re.compile(r"^(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)$")
 
 
 def _load(name):
@@ -19,22 +26,86 @@ def _load(name):
   return module
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_BENCHMARKS"), reason="opt-in: set RUN_BENCHMARKS=1")
-@pytest.mark.skipif(importlib.util.find_spec("mnist1d") is None, reason="needs mnist1d")
-def test_uncertainty_and_sensitivity_quick(tmp_path):
-  uncertainty = _load("uncertainty")
-  out = tmp_path / "uncertainty.md"
-  summary = uncertainty.main(["--quick", "--epochs", "2", "--out", str(out)])
-  text = out.read_text()
-  for label in ("| SGD |", "| Adam |", "| SAM-SGD |", "| SAM-Adam |", "| bSAM (model avg) |", "| bSAM (post. mean) |"):
-    assert label in text
-  assert set(summary["mlp"]["bSAM (model avg)"]) >= {"config", "accuracy", "nll", "ece", "auroc", "ood_auroc"}
+def _table_rows(text, first):
+  """{label: [mean of each metric cell]} of the markdown rows whose label starts with ``first``."""
+  rows = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("|") and cells[0].startswith(first) and "accuracy (%)" not in line:
+      means = []
+      for cell in cells[-6:]:  # accuracy (%), NLL, ECE, AUROC, OOD AUROC, conf. - acc. (%)
+        match = CELL.match(cell)
+        assert match, f"not 'mean ± std': {cell!r} in {line!r}"
+        means.append(float(match.group(1)))
+      rows[cells[0]] = means
+  return rows
 
-  sensitivity = _load("sensitivity")
-  sens_out = tmp_path / "sensitivity.md"
-  configs = str(tmp_path / "uncertainty.json")
-  sensitivity.main(["--quick", "--epochs", "2", "--configs", configs, "--out", str(sens_out)])
-  text = sens_out.read_text()
+
+def _check_metrics(label, accuracy, nll, ece, auroc, ood_auroc, gap):
+  values = (accuracy, nll, ece, auroc, ood_auroc, gap)
+  assert all(math.isfinite(v) for v in values), (label, values)
+  assert 0 <= accuracy <= 100 and nll > 0 and 0 <= ece <= 1, (label, values)
+  assert 0 <= auroc <= 1 and 0 <= ood_auroc <= 1 and -100 <= gap <= 100, (label, values)
+
+
+@pytest.fixture(scope="module")
+def uncertainty_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("benchmarks") / "uncertainty.md"
+  summary = _load("uncertainty").main(["--quick", "--seeds", "1", "--epochs", "2", "--out", str(out)])
+  return out, summary
+
+
+@needs_mnist1d
+def test_uncertainty_quick(uncertainty_run):
+  out, summary = uncertainty_run
+  text = out.read_text()
+  assert "## Selected by validation accuracy" in text and "## Selected by validation NLL" in text
+  rows = _table_rows(text, tuple(UNCERTAINTY_ROWS))
+  assert set(rows) == set(UNCERTAINTY_ROWS)
+  for label, means in rows.items():
+    _check_metrics(label, *means)
+  for label in UNCERTAINTY_ROWS:
+    row = summary["mlp"][label]
+    assert row["config"] and len(row["accuracy"]) == 1
+    assert 0 <= row["accuracy"][0] <= 1 and row["nll"][0] > 0 and 0 <= row["ece"][0] <= 1
+  assert out.with_name("uncertainty_grid.json").stat().st_size > 0
+
+
+@needs_mnist1d
+def test_sensitivity_quick(uncertainty_run, tmp_path):
+  configs = str(uncertainty_run[0].with_suffix(".json"))
+  out = tmp_path / "sensitivity.md"
+  _load("sensitivity").main(["--quick", "--epochs", "2", "--configs", configs, "--out", str(out)])
+  text = out.read_text()
   for heading in ("Sensitivity to ρ", "MC samples", "Noise ablation", "m-sharpness"):
     assert heading in text
+  rows = _table_rows(text, ("bSAM", "posterior mean", "model average"))
+  expected = {
+    "bSAM (model avg), ρ=0.01",
+    "bSAM (model avg), ρ=0.1",
+    "posterior mean ω",
+    "model average, S=1",
+    "model average, S=8",
+    "bSAM w/o noise, model avg",
+    "bSAM (Alg. 1), model avg",
+    "bSAM w/o noise, post. mean",
+    "bSAM (Alg. 1), post. mean",
+    "bSAM (model avg), m=1",
+    "bSAM (model avg), m=8",
+  }
+  assert set(rows) == expected
+  for label, means in rows.items():
+    _check_metrics(label, *means)
   assert (tmp_path / "rho_sensitivity.png").stat().st_size > 0
+
+
+def test_cost_quick(capsys):
+  _load("cost").main(["--quick", "--m", "1"])
+  text = capsys.readouterr().out
+  step_times = text.split("## Step time")[1].split("## Memory")[0]
+  rows = [line for line in step_times.splitlines() if line.startswith("| mlp | 1 | ")]
+  assert len(rows) == 1, step_times
+  cells = [c.strip() for c in rows[0].strip().strip("|").split("|")[2:]]
+  assert len(cells) == 14  # ms of adam, sam_adam, contrib_sam, authors, bsam, bsam_hash; then 8 ratios
+  for cell in cells:
+    assert math.isfinite(float(cell)) and float(cell) > 0, rows[0]
