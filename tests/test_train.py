@@ -151,16 +151,24 @@ def test_check_config_fills_optimizer_defaults():
   assert _train.check_config(dataclasses.replace(TINY, learning_rate=0.01)).learning_rate == 0.01
 
 
-@pytest.mark.parametrize("optimizer", ["bsam", "adam"])
-def test_data_parallel_equals_one_device(optimizer):
+@pytest.mark.parametrize(
+  "change",
+  [
+    {"optimizer": "bsam"},
+    {"optimizer": "adam"},
+    # BatchNorm statistics threaded from the noisy to the perturbed pass, averaged over parts / devices
+    {"optimizer": "bsam", "model": "cnn", "width": 4, "batch_norm": True, "epochs": 1},
+  ],
+  ids=["bsam", "adam", "bsam-cnn-batchnorm"],
+)
+def test_data_parallel_equals_one_device(change):
   # The 8 devices of conftest.py, one m-sharpness part each (adam: one eighth of the batch each), against
   # m=8 on one device: the same keys per part, so the same run up to the order of the sums over parts.
-  one = _train.train(dataclasses.replace(TINY, optimizer=optimizer, m=8))
-  spread = _train.train(dataclasses.replace(TINY, optimizer=optimizer, m=8, data_parallel=True))
-  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(spread.params), strict=True):
+  one = _train.train(dataclasses.replace(TINY, m=8, **change))
+  spread = _train.train(dataclasses.replace(TINY, m=8, data_parallel=True, **change))
+  trees = [(one.params, spread.params), (one.opt_state, spread.opt_state), (one.batch_stats, spread.batch_stats)]
+  for a, b in zip(*[jax.tree.leaves(t) for t in zip(*trees, strict=True)], strict=True):
     assert isinstance(b, jax.Array) and len(b.devices()) == 1
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(one.opt_state), jax.tree.leaves(spread.opt_state), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
   for name, metrics in one.metrics.items():
     for key, value in metrics.items():
