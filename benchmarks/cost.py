@@ -22,6 +22,9 @@ Methods (one step each: from parameters and state to new parameters and state):
 * ``bsam``: :func:`bsam_optax.bsam_step` with a default (threefry) key, and
   ``bsam_hash`` with a ``bsam_optax.hash_prng_impl`` key.
 
+The full run times this comparison twice: as the methods are usually called
+(no donation), and with every method donating its parameters and state.
+
 Timing: every method runs ``--steps`` steps per round, ``--rounds`` rounds,
 the order of the methods rotating each round, after two warm-up calls;
 per-step times are medians over rounds, and ratios are medians of the
@@ -43,6 +46,7 @@ Usage::
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -125,8 +129,8 @@ def authors_init(params, key, s_init=1.0):
   )
 
 
-def authors_step_fn(loss_fn, m, *, lr=LR, rho=RHO, b1=0.9, b2=0.999, wd=0.0, damping=0.1, n_data=N_DATA):
-  """One step of their bSAM, as their optim.py computes it (no haiku state)."""
+def authors_step_fn(loss_fn, m, *, lr=LR, rho=RHO, b1=0.9, b2=0.999, wd=0.0, damping=0.1, n_data=N_DATA, donate=False):
+  """One step of their bSAM, as their optim.py computes it (no haiku state); ``donate``: the state."""
   value_and_grad = jax.value_and_grad(loss_fn)
 
   def leafwise_normal(tree, key):
@@ -143,7 +147,7 @@ def authors_step_fn(loss_fn, m, *, lr=LR, rho=RHO, b1=0.9, b2=0.999, wd=0.0, dam
     gs = jax.tree.map(lambda g, s: jnp.sqrt(s * g**2.0), g, state.s)
     return gs, g_eps, loss
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
   def step(state, batch):
     keys = jax.random.split(state.key, m + 1)
     xs = batch["x"].reshape(m, -1, *batch["x"].shape[1:])
@@ -207,10 +211,10 @@ def step_method(step, params, opt_state, batch, keys, context=contextlib.nullcon
   return Method(run, compiled, tree_bytes(opt_state), step, compile_s)
 
 
-def adam_method(prob: Problem) -> Method:
+def adam_method(prob: Problem, donate: bool = False) -> Method:
   tx = optax.adam(LR)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(params, opt_state, batch, key):
     del key
     grads = jax.grad(prob.loss_fn)(params, batch)
@@ -220,18 +224,18 @@ def adam_method(prob: Problem) -> Method:
   return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys(None))
 
 
-def sam_adam_method(prob: Problem, m: int) -> Method:
+def sam_adam_method(prob: Problem, m: int, donate: bool = False) -> Method:
   tx = optax.adam(LR)
-  step = bo.sam_step(prob.loss_fn, tx, rho=RHO, m=m)
+  step = bo.sam_step(prob.loss_fn, tx, rho=RHO, m=m, donate=donate)
   return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys(None))
 
 
-def contrib_sam_method(prob: Problem) -> Method:
+def contrib_sam_method(prob: Problem, donate: bool = False) -> Method:
   tx = optax.contrib.sam(
     optax.adam(LR), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), sync_period=2, opaque_mode=True
   )
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(params, opt_state, batch, key):
     del key
     grad_fn = jax.grad(prob.loss_fn)
@@ -241,9 +245,10 @@ def contrib_sam_method(prob: Problem) -> Method:
   return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys(None))
 
 
-def authors_method(prob: Problem, m: int) -> Method:
-  step = authors_step_fn(prob.loss_fn, m)
-  carry = [authors_init(prob.params, jax.random.key(3))]
+def authors_method(prob: Problem, m: int, donate: bool = False) -> Method:
+  step = authors_step_fn(prob.loss_fn, m, donate=donate)
+  # A copy, so that a donating step cannot delete the problem's parameters.
+  carry = [authors_init(jax.tree.map(jnp.copy, prob.params), jax.random.key(3))]
   start = time.perf_counter()
   compiled = step.lower(carry[0], prob.batch).compile()
   compile_s = time.perf_counter() - start
@@ -299,18 +304,22 @@ def mib(x: float) -> str:
 # --- sections -----------------------------------------------------------------
 
 
-def compare(prob: Problem, ms, rounds, steps, log) -> tuple[list[str], dict]:
-  """The main comparison for one model: rows of the time table, and jit cache sizes."""
+def compare(prob: Problem, ms, rounds, steps, log, donate: bool = False) -> tuple[list[str], dict]:
+  """The main comparison for one model: rows of the time table, and jit cache sizes.
+
+  ``donate``: every method (baselines too) donates its parameters and state.
+  """
   time_rows, extra = [], {}
   for m in ms:
-    log(f"[{prob.name} m={m}] compiling")
-    methods = {"adam": adam_method(prob), "sam_adam": sam_adam_method(prob, m)}
+    tag = f"[{prob.name} m={m}{', donated' if donate else ''}]"
+    log(f"{tag} compiling")
+    methods = {"adam": adam_method(prob, donate), "sam_adam": sam_adam_method(prob, m, donate)}
     if m == 1:
-      methods["contrib_sam"] = contrib_sam_method(prob)
-    methods["authors"] = authors_method(prob, m)
-    methods["bsam"] = bsam_method(prob, m)
-    methods["bsam_hash"] = bsam_method(prob, m, impl=bo.hash_prng_impl)
-    log(f"[{prob.name} m={m}] timing {list(methods)}")
+      methods["contrib_sam"] = contrib_sam_method(prob, donate)
+    methods["authors"] = authors_method(prob, m, donate)
+    methods["bsam"] = bsam_method(prob, m, donate=donate)
+    methods["bsam_hash"] = bsam_method(prob, m, impl=bo.hash_prng_impl, donate=donate)
+    log(f"{tag} timing {list(methods)}")
     times = time_methods(methods, rounds, steps)
     med = {k: statistics.median(v) for k, v in times.items()}
     cells = [
@@ -433,6 +442,50 @@ def _reduce_mean(x):
   return jnp.mean(x, axis=0)
 
 
+# The hash-key transform before Box-Muller: M. Giles, "Approximating the erfinv
+# function" (GPU Computing Gems, 2010), with log((1 - x)(1 + x)) for log1p(-x²),
+# applied to jax.random.normal's uniform in [-1 + 2^-24, 1).
+_ERFINV_CENTRAL = (
+  2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+  -0.00125372503, -0.00417768164, 0.246640727, 1.50140941,
+)  # fmt: skip
+_ERFINV_TAIL = (
+  -0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+  -0.0076224613, 0.00943887047, 1.00167406, 2.83297682,
+)  # fmt: skip
+
+
+def _giles_normal(key, shape):
+  bits = jax.random.bits(key, shape, jnp.uint32)
+  unit = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32) - 1.0
+  low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+  x = jnp.maximum(low, unit * (1.0 - low) + low)
+  w = -jnp.log((1.0 - x) * (1.0 + x))
+  central = w < 5.0
+  w = jnp.where(central, w - 2.5, jnp.sqrt(w) - 3.0)
+  p = jnp.where(central, np.float32(_ERFINV_CENTRAL[0]), np.float32(_ERFINV_TAIL[0]))
+  for a, b in zip(_ERFINV_CENTRAL[1:], _ERFINV_TAIL[1:], strict=True):
+    p = jnp.where(central, np.float32(a), np.float32(b)) + p * w
+  return np.float32(np.sqrt(2.0)) * p * x
+
+
+def _giles_draw(key, shape, dtype):
+  """``_noise._draw`` as it was before Box-Muller (hash keys: Giles' inverse CDF)."""
+  if dtype == jnp.float32 and jax.random.key_impl(key) == bo.hash_prng_impl:
+    return _giles_normal(key, shape)
+  return jax.random.normal(key, shape, dtype)
+
+
+def _library_box_muller(key, shape):
+  """The kept Box-Muller with XLA's jnp.log and jnp.cos instead of the polynomials."""
+  counter = _noise._counter(tuple(shape))
+  data = jax.random.key_data(key)
+  first, second = _noise._hash_words(data, counter, 0), _noise._hash_words(data, counter, 1)
+  u = 1.0 - (first >> np.uint32(8)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-24)
+  v = (second >> np.uint32(8)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-24)
+  return jnp.sqrt(-2.0 * jnp.log(u)) * jnp.cos(np.float32(2.0 * np.pi) * v)
+
+
 class patched:
   """Temporarily replaces ``module.name`` while steps are traced (they are traced at compile)."""
 
@@ -514,8 +567,10 @@ def levers(prob: Problem, ms, rounds, steps, log, only_parts: bool = False) -> l
     add("3 generator", "unsafe_rbg", bsam_method(prob, m, impl="unsafe_rbg"))
     add("3 generator", "hash_prng_impl [opt-in]", kept)
     with patched(_noise, "_draw", lambda key, shape, dtype: jax.random.normal(key, shape, dtype)):
-      add("4 hash bits to normals", "jax.random.normal (XLA erf_inv) [before]", bsam_method(prob, m, impl=hash_impl))
-    add("4 hash bits to normals", "Giles erfinv with log [kept]", kept)
+      add("4 hash bits to normals", "jax.random.normal (XLA erf_inv) [first]", bsam_method(prob, m, impl=hash_impl))
+    with patched(_noise, "_draw", _giles_draw):
+      add("4 hash bits to normals", "Giles erfinv with log [before]", bsam_method(prob, m, impl=hash_impl))
+    add("4 hash bits to normals", "Box-Muller, polynomial log and sin [kept]", kept)
     add("5 donation", "donate=False [default]", kept)
     add("5 donation", "donate=True", bsam_method(prob, m, impl=hash_impl, donate=True))
     if m > 1:
@@ -550,7 +605,9 @@ def micro(rounds: int, log) -> list[str]:
     "unsafe_rbg": (like, jax.random.key(0, impl="unsafe_rbg"), plain),
     "hash_prng_impl: bits only": (per_leaf(lambda k, shape: jax.random.bits(k, shape, jnp.uint32)), hsh, plain),
     "hash_prng_impl: jax.random.normal": (per_leaf(jax.random.normal), hsh, plain),
-    "hash_prng_impl: normal_like (Giles erfinv with log)": (like, hsh, plain),
+    "hash_prng_impl: Giles erfinv with log [before]": (per_leaf(_giles_normal), hsh, plain),
+    "hash_prng_impl: Box-Muller with jnp.log, jnp.cos": (per_leaf(_library_box_muller), hsh, plain),
+    "hash_prng_impl: normal_like (Box-Muller, polynomial log and sin) [kept]": (like, hsh, plain),
   }
   x = jax.random.normal(fry, (8, 784, 500))
   fns["mean over 8 parts of 784x500: jnp.mean(axis=0)"] = (_reduce_mean, x, contextlib.nullcontext)
@@ -625,6 +682,16 @@ def main(argv=None):
     "bsam/contrib_sam | bsam/authors | hash/adam | hash/sam_adam | hash/contrib_sam | hash/authors |",
     "|---|---|" + "---|" * 14,
   ]
+  donated_table = [
+    "## Step time (ms) and ratios, every method donating",
+    "",
+    "As above, but every step (Adam, SAM-Adam, optax.contrib.sam, the authors' approach and bSAM) donates its "
+    "parameters and optimizer state (`donate_argnums`; `bo.bsam_step(..., donate=True)`), the fair comparison "
+    "for a donated bSAM step. A separate block of rounds: compare ratios within a table, not across.",
+    "",
+    time_table[-2],
+    time_table[-1],
+  ]
   mem_table = [
     "## Memory",
     "",
@@ -643,6 +710,8 @@ def main(argv=None):
     notes.append(f"- {name}: {p_count:,} parameters ({mib(tree_bytes(prob.params))} MiB float32), batch {BATCH}.")
     rows, cache = compare(prob, args.m, rounds, steps, log)
     time_table += rows
+    if not args.quick:
+      donated_table += compare(prob, args.m, rounds, steps, log, donate=True)[0]
     log(f"[{name}] memory")
     mem_table += memory_rows(prob, args.m, quick=args.quick)
     for (model, m), sizes in cache.items():
@@ -655,7 +724,9 @@ def main(argv=None):
     if do_levers:
       lever_rows += levers(prob, args.m, rounds, steps, log, only_parts=name != "mlp")
 
-  report = header + ["Problems:", *notes, ""] + time_table + [""] + mem_table + [""]
+  report = header + ["Problems:", *notes, ""] + time_table + [""]
+  report += [] if args.quick else donated_table + [""]
+  report += mem_table + [""]
   report += (
     []
     if not compile_rows
