@@ -13,11 +13,11 @@ the rest of a small model's step. Three choices keep it cheap (numbers: MLP
   was 1.1-1.2x (m = 1) and 1.3-1.7x (m = 8) slower with it.
 
 * **The generator is the key's.** ``jax.random.key(seed)`` (threefry, JAX's
-  reproducible default) stays the default: ~10 ns per normal on this CPU
+  reproducible default) stays the default: ~7-10 ns per normal on this CPU
   (~5 ns with ``jax.config.update("jax_threefry_partitionable", False)``, a
   global JAX setting that changes the stream); JAX's ``"rbg"`` and
   ``"unsafe_rbg"`` keys are ~3x *slower* there. :data:`hash_prng_impl` is a
-  counter-based hash generator, opt-in by the key, ~2 ns per normal::
+  counter-based hash generator, opt-in by the key, ~1-2 ns per normal::
 
     key = jax.random.key(seed, impl=bsam_optax.hash_prng_impl)
 
@@ -30,7 +30,7 @@ the rest of a small model's step. Three choices keep it cheap (numbers: MLP
     bits_i   = h(h(i ^ s0) + s1)         # h: lowbias32, a bijective 32-bit mixer
 
   ``h`` is Wellons' *lowbias32* (xorshift-multiply, 32-bit arithmetic, no
-  table), so the words vectorize on any backend (0.7 ns each here). The two
+  table), so the words vectorize on any backend (0.5-0.7 ns each here). The two
   keyed rounds matter: with one (``h(i ^ s0)``), two keys whose ``s0``
   differ only in low bits would draw permutations of each other's noise. It works with every
   ``jax.random`` function and passes the statistical tests in
