@@ -36,7 +36,7 @@ The metrics, with ``ŷ_i = argmax_c p_ic`` the prediction and
 Example:
 
   >>> import jax.numpy as jnp
-  >>> from bsam_optax import _metrics as metrics
+  >>> import bsam_optax.metrics as metrics
   >>> probs = jnp.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
   >>> labels = jnp.array([0, 1, 1, 1])
   >>> m = metrics.classification_metrics(probs, labels)
@@ -134,7 +134,7 @@ def accuracy(probs: jax.Array, labels: jax.Array) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> float(metrics.accuracy(jnp.array([[0.9, 0.1], [0.6, 0.4]]), jnp.array([0, 1])))
     0.5
   """
@@ -159,7 +159,7 @@ def nll(probs: jax.Array, labels: jax.Array, eps: float = 1e-12) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> print(f"{metrics.nll(jnp.array([[0.5, 0.5], [0.25, 0.75]]), jnp.array([0, 1])):.4f}")
     0.4904
   """
@@ -184,7 +184,7 @@ def brier(probs: jax.Array, labels: jax.Array) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> print(f"{metrics.brier(jnp.array([[0.5, 0.5], [1.0, 0.0]]), jnp.array([0, 1])):.2f}")
     1.25
   """
@@ -212,7 +212,7 @@ def reliability_bins(probs: jax.Array, labels: jax.Array, num_bins: int = 20) ->
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> probs = jnp.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
     >>> bins = metrics.reliability_bins(probs, jnp.array([0, 1, 1, 1]), num_bins=4)
     >>> bins.counts.tolist(), bins.accuracy.tolist()
@@ -257,7 +257,7 @@ def ece(probs: jax.Array, labels: jax.Array, num_bins: int = 20) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> probs = jnp.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
     >>> labels = jnp.array([0, 1, 1, 1])
     >>> print(f"{metrics.ece(probs, labels):.3f}", f"{metrics.ece(probs, labels, num_bins=4):.3f}")
@@ -291,7 +291,7 @@ def auroc(scores: jax.Array, targets: jax.Array) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> float(metrics.auroc(jnp.array([0.1, 0.4, 0.4, 0.8]), jnp.array([0, 0, 1, 1])))
     0.875
   """
@@ -335,7 +335,7 @@ def predictive_entropy(probs: jax.Array) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> print(metrics.predictive_entropy(jnp.array([[1.0, 0.0], [0.5, 0.5]])).round(4))
     [0.     0.6931]
   """
@@ -361,7 +361,7 @@ def misclassification_auroc(probs: jax.Array, labels: jax.Array) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> probs = jnp.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
     >>> float(metrics.misclassification_auroc(probs, jnp.array([0, 1, 1, 1])))
     1.0
@@ -388,7 +388,7 @@ def ood_auroc(probs_in: jax.Array, probs_out: jax.Array) -> jax.Array:
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> probs_in = jnp.array([[0.95, 0.05], [0.1, 0.9]])
     >>> probs_out = jnp.array([[0.5, 0.5], [0.6, 0.4]])
     >>> float(metrics.ood_auroc(probs_in, probs_out))
@@ -421,7 +421,7 @@ def classification_metrics(probs: jax.Array, labels: jax.Array, num_bins: int = 
   Example:
 
     >>> import jax.numpy as jnp
-    >>> from bsam_optax import _metrics as metrics
+    >>> import bsam_optax.metrics as metrics
     >>> probs = jnp.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])
     >>> print(f"{metrics.classification_metrics(probs, jnp.array([0, 1, 1, 1]))['accuracy']:.2f}")
     0.75
