@@ -215,7 +215,10 @@ def _train_command(parser, args) -> int:
   try:
     multi_process = _distributed.initialize_from_args(args)
   except (TypeError, ValueError) as err:
-    parser.error(str(err))
+    hint = ""
+    if "coordinator_address" in str(err) and args.coordinator is None:
+      hint = " (give --coordinator HOST:PORT, process 0's address, or set JAX_COORDINATOR_ADDRESS)"
+    parser.error(f"{err}{hint}")
   if multi_process:
     args.data_parallel = True
   say = print if jax.process_index() == 0 else lambda *_, **__: None

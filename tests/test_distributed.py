@@ -242,6 +242,14 @@ def test_main_job_two_processes_equal_one_device(tmp_path):
   assert losses == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)
 
 
+def test_main_job_without_a_coordinator_says_which_flag(tmp_path):
+  # In a fresh process (this one's JAX backend is already up, too late to join a run).
+  flags = ["train", "--num-processes", "2", "--process-id", "1", "--init-timeout", "5", "--out", str(tmp_path)]
+  [(code, text)] = _run(tmp_path, [flags], 60, program=(sys.executable, "-m", "bsam_optax"))
+  assert code == 2, text
+  assert "give --coordinator HOST:PORT" in text, text
+
+
 def test_unreachable_coordinator_is_an_error_in_bounded_time(tmp_path):
   start = time.monotonic()
   [(code, text)] = _run(tmp_path, [_args("init", _free_port(), 2, 1, "--timeout", "2")], 60)
