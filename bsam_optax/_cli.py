@@ -129,6 +129,11 @@ def _parsers(optimizers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPars
   run.add_argument("--out", default="bsam_optax_out", help="output folder (created); PNGs and metrics.json go here")
   run.add_argument("--no-progress", action="store_true", help="no progress bar")
   run.add_argument(
+    "--checkpoint-dir",
+    default=None,
+    help="save the training state here after every epoch and resume from the latest epoch found (orbax)",
+  )
+  run.add_argument(
     "--data-parallel",
     action="store_true",
     help="spread each batch and its m parts over all devices (GPUs; on by itself with several processes)",
@@ -164,6 +169,7 @@ def _config(args):
     out_dir=args.out,
     progress=not args.no_progress,
     data_parallel=args.data_parallel,
+    checkpoint_dir=args.checkpoint_dir,
   )
 
 

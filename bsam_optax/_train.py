@@ -95,6 +95,9 @@ class TrainConfig:
   # (m must be divisible by the device count D), so the result is that of m parts on one device. On by itself in a
   # multi-process run (bsam-optax train --coordinator ...).
   data_parallel: bool = False
+  # Save params, optimizer state and history here after every epoch (orbax; the last two kept) and resume from
+  # the latest epoch found there: a resumed run gives the numbers of an uninterrupted one.
+  checkpoint_dir: str | None = None
 
 
 class Optimizer(NamedTuple):
@@ -276,8 +279,9 @@ def _check_out_dir(out_dir) -> None:
 def check_config(config: TrainConfig) -> TrainConfig:
   """Validates ``config`` and fills in the optimizer's defaults.
 
-  Loads the data set (to check sizes) and makes ``config.out_dir`` (checking
-  that it is writable) so that errors come before training starts.
+  Loads the data set (to check sizes), makes ``config.out_dir`` (checking
+  that it is writable) and checks that a run found in ``config.checkpoint_dir``
+  has the same training settings, so that errors come before training starts.
 
   Raises:
     ValueError: with a message naming the bad field.
@@ -328,8 +332,20 @@ def check_config(config: TrainConfig) -> TrainConfig:
   if config.batch_size > n_train:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {n_train} training examples")
   _check_out_dir(config.out_dir)
+  if config.checkpoint_dir is not None:
+    if not isinstance(config.checkpoint_dir, (str, os.PathLike)):
+      raise ValueError(f"checkpoint_dir must be a path, got {config.checkpoint_dir!r}")
+    if os.path.exists(config.checkpoint_dir) and not os.path.isdir(config.checkpoint_dir):
+      raise ValueError(f"checkpoint_dir {config.checkpoint_dir} exists and is not a directory")
   defaults = OPTIMIZERS[config.optimizer].defaults
-  return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+  config = dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+  if config.checkpoint_dir is not None:
+    resume = _Resume(config)
+    try:
+      resume.check()
+    finally:
+      resume.close()
+  return config
 
 
 # --------------------------------------------------------------------------- training
@@ -460,6 +476,75 @@ def posterior_std_summary(std) -> dict[str, dict[str, float]]:
   return summary
 
 
+# Fields that may differ between a run and its resumption (the rest must match: the schedule depends on epochs).
+# data_parallel may change: a run on several devices or processes goes on on one, and back.
+_RESUMABLE_CHANGES = ("out_dir", "progress", "checkpoint_dir", "eval_samples", "num_bins", "data_parallel")
+
+
+class _Resume:
+  """Per-epoch checkpoints of the training state and history, with orbax's CheckpointManager.
+
+  Every process calls every method (orbax writes each array once and syncs
+  the processes). The checkpoint of epoch ``e`` holds the state after ``e``
+  epochs, the history so far and the config; the data order and the step
+  keys derive from the seed and the epoch, so training on from it repeats
+  the uninterrupted run exactly.
+  """
+
+  def __init__(self, config: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.config = config
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    self.manager = ocp.CheckpointManager(os.path.abspath(config.checkpoint_dir), options=options)
+
+  def _config_json(self):
+    return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE_CHANGES}
+
+  def check(self) -> None:
+    """Raises ValueError if the latest checkpoint is of a run with other training settings."""
+    ocp = self._ocp
+    epoch = self.manager.latest_step()
+    if epoch is None:
+      return
+    saved = self.manager.restore(epoch, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    ours = self._config_json()
+    changed = sorted(k for k in ours.keys() | saved.keys() if ours.get(k) != saved.get(k))
+    if changed:
+      diffs = ", ".join(f"{k}={saved.get(k)!r} there, {ours.get(k)!r} here" for k in changed)
+      raise ValueError(
+        f"checkpoint_dir {self.config.checkpoint_dir} holds a run with another config ({diffs}); resume with "
+        "the same settings or use a new checkpoint_dir"
+      )
+
+  def restore(self, state, history):
+    """``(state, history)`` from the latest checkpoint, or the arguments if there is none."""
+    ocp = self._ocp
+    epoch = self.manager.latest_step()
+    if epoch is None:
+      return state, history
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = self.manager.restore(
+      epoch,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()),
+    )
+    return jax.tree.structure(state).unflatten(jax.tree.leaves(restored["state"])), restored["history"]["epochs"]
+
+  def save(self, state, history) -> None:
+    ocp = self._ocp
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      history=ocp.args.JsonSave({"epochs": history}),
+      config=ocp.args.JsonSave(self._config_json()),
+    )
+    self.manager.save(len(history), args=args)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
 def train(config: TrainConfig) -> TrainResult:
   """Trains ``config.model`` on ``config.dataset`` with ``config.optimizer``.
 
@@ -507,7 +592,10 @@ def train(config: TrainConfig) -> TrainResult:
   validation_accuracy = jax.jit(lambda p, bs, x, y: jnp.mean(jnp.argmax(_apply_fn(model, bs)(p, x), -1) == y))
 
   history = []
-  epochs = range(config.epochs)
+  resume = _Resume(config) if config.checkpoint_dir is not None else None
+  if resume is not None:
+    (params, opt_state, batch_stats), history = resume.restore((params, opt_state, batch_stats), history)
+  epochs = range(len(history), config.epochs)
   bar = None
   primary = jax.process_index() == 0  # only process 0 shows progress and writes files
   if config.progress and primary:
@@ -518,6 +606,8 @@ def train(config: TrainConfig) -> TrainResult:
       desc=f"{config.optimizer} {config.model} {config.dataset}",
       unit="epoch",
       dynamic_ncols=True,
+      initial=len(history),
+      total=config.epochs,
     )
     epochs = bar
   for epoch in epochs:
@@ -531,10 +621,14 @@ def train(config: TrainConfig) -> TrainResult:
     )
     val_acc = float(validation_accuracy(params, batch_stats, data.validation.x, data.validation.y))
     history.append({"epoch": epoch + 1, "loss": float(epoch_loss), "validation_accuracy": val_acc})
+    if resume is not None:
+      resume.save((params, opt_state, batch_stats), history)
     if bar is not None:
       bar.set_postfix(loss=f"{float(epoch_loss):.3f}", val_acc=f"{val_acc:.3f}")
   if bar is not None:
     bar.close()
+  if resume is not None:
+    resume.close()
   if mesh is not None:  # evaluation runs on every process alike, on its own first device
     params, opt_state, batch_stats = jax.device_put(_distributed.to_host((params, opt_state, batch_stats)))
 

@@ -7,6 +7,7 @@ test process has 8, see conftest.py), joined through a coordinator on
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -217,7 +218,7 @@ def test_main_job_two_processes_equal_one_device(tmp_path):
   commands = [
     flags
     + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
-    + ["--out", str(tmp_path / f"out_{i}")]
+    + ["--out", str(tmp_path / f"out_{i}"), "--checkpoint-dir", str(tmp_path / "checkpoints")]
     for i in range(2)
   ]
   start = time.monotonic()
@@ -240,6 +241,14 @@ def test_main_job_two_processes_equal_one_device(tmp_path):
       assert written["posterior_std"][leaf][key] == pytest.approx(value, rel=1e-5), (leaf, key)
   losses = [h["loss"] for h in written["history"]]
   assert losses == pytest.approx([h["loss"] for h in reference.history], rel=1e-5)
+
+  # The 2 processes' per-epoch checkpoints resume here, in one process on one device: the run is complete, so
+  # nothing is trained, and the restored state gives the same metrics.
+  resumed = _train.train(dataclasses.replace(c, checkpoint_dir=str(tmp_path / "checkpoints")))
+  assert resumed.history == written["history"]
+  for name, metrics in written["metrics"].items():
+    for key, value in metrics.items():
+      assert resumed.metrics[name][key] == pytest.approx(value, abs=1e-6), (name, key)
 
 
 def test_main_job_without_a_coordinator_says_which_flag(tmp_path):

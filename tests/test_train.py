@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -116,6 +117,8 @@ def test_batch_norm():
     ({"seed": -3}, "seed must be an int >= 0"),
     ({"num_samples": 1000}, "mnist1d dataset only"),
     ({"data_parallel": 1}, "data_parallel must be a bool"),
+    ({"checkpoint_dir": 3}, "checkpoint_dir must be a path"),
+    ({"checkpoint_dir": __file__}, "exists and is not a directory"),
     # conftest.py gives this process 8 CPU devices
     ({"data_parallel": True, "m": 4}, r"m=4 must be divisible by the number of devices \(8 devices over 1 process"),
     (
@@ -174,3 +177,17 @@ def test_data_parallel_equals_one_device(change):
     for key, value in metrics.items():
       assert spread.metrics[name][key] == pytest.approx(value, abs=1e-4), (name, key)
   assert [h["loss"] for h in spread.history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+
+
+def test_resume_from_checkpoint_dir_repeats_the_run(tmp_path):
+  config = dataclasses.replace(TINY, checkpoint_dir=str(tmp_path / "checkpoints"))
+  straight = _train.train(config)
+  assert sorted(os.listdir(config.checkpoint_dir)) == ["1", "2"]  # one per epoch, the last two kept
+  shutil.rmtree(tmp_path / "checkpoints" / "2")  # as if stopped after the first epoch
+  resumed = _train.train(config)
+  trees = [(r.params, r.opt_state, r.batch_stats) for r in (straight, resumed)]
+  for a, b in zip(*[jax.tree.leaves(t) for t in trees], strict=True):
+    np.testing.assert_array_equal(b, a)
+  assert resumed.history == straight.history and resumed.metrics == straight.metrics
+  with pytest.raises(ValueError, match=r"holds a run with another config \(seed=0 there, 1 here\)"):
+    _train.train(dataclasses.replace(config, seed=1))
