@@ -37,7 +37,7 @@ FirstPoint = Callable[[jax.Array, Params, Any], Params]
 # (params, opt_state, first_grads) -> the point of the second gradient
 SecondPoint = Callable[[Params, Any, Params], Params]
 
-__all__ = ["bsam_step", "make_perturbation_step"]
+__all__ = ["bsam_step", "make_perturbation_step", "perturbation_gradients"]
 
 
 def _check_m(m) -> None:
@@ -137,6 +137,141 @@ def _mean_of_list(*xs):
   return (total[0] / len(xs)).astype(dtype)
 
 
+def _check_options(loss_fn, aux_from, thread_aux, has_aux, split, m) -> None:
+  _check_m(m)
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+  if aux_from not in ("first", "second"):
+    raise ValueError(f"aux_from must be 'first' or 'second', got {aux_from!r}")
+  if thread_aux and not has_aux:
+    raise ValueError("thread_aux=True needs has_aux=True: the first pass's aux becomes the second pass's loss_args[0]")
+  if split not in ("vmap", "scan", "unroll"):
+    raise ValueError(f"split must be 'vmap', 'scan' or 'unroll', got {split!r}")
+
+
+def _check_mesh(mesh: Mesh, axis_name: str | None) -> None:
+  if axis_name is None:
+    raise ValueError("mesh= needs axis_name=, the mesh axis the batch is sharded along")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+
+
+def _on_mesh(fn, mesh: Mesh, axis_name: str, m: int, donate_argnums=()):
+  """``jax.jit(jax.shard_map(fn))``: the batch (3rd argument) sharded along ``axis_name``, all else replicated."""
+  _check_mesh(mesh, axis_name)
+  num_devices = mesh.shape[axis_name]
+  replicated = PartitionSpec()
+
+  @functools.partial(jax.jit, donate_argnums=donate_argnums)
+  def sharded(params, opt_state, batch, key, *loss_args):
+    size = _batch_size(batch)
+    if size % (num_devices * m):
+      raise ValueError(
+        f"global batch size {size} is not divisible by the number of parts: {num_devices} devices on "
+        f"mesh axis {axis_name!r} x m={m} = {num_devices * m}"
+      )
+    in_specs = (replicated, replicated, PartitionSpec(axis_name), replicated) + (replicated,) * len(loss_args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=replicated)(
+      params, opt_state, batch, key, *loss_args
+    )
+
+  return sharded
+
+
+def perturbation_gradients(
+  loss_fn: LossFn,
+  first_point: FirstPoint | None,
+  second_point: SecondPoint | None,
+  *,
+  m: int = 1,
+  axis_name: str | None = None,
+  mesh: Mesh | None = None,
+  has_aux: bool = False,
+  aux_from: Literal["first", "second"] = "second",
+  thread_aux: bool = False,
+  noisy_grads: bool = False,
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
+  loss_names: tuple[str, str] = ("loss", "second_loss"),
+):
+  """The gradients of :func:`make_perturbation_step`, averaged over parts and devices, without the update.
+
+  For training loops that apply the update themselves (e.g. ``nnx.Optimizer``).
+  The arguments are those of :func:`make_perturbation_step`.
+
+  Returns:
+    ``gradients(params, opt_state, batch, key, *loss_args) -> result``, a dict
+    with the two mean losses (``loss_names``), ``"grads"`` (the mean second
+    gradient), ``"abs_grads"`` (the mean ``|g_i|``, with ``noisy_grads``) and
+    ``"aux"`` (with ``has_aux``). With ``mesh`` it is a jitted
+    ``jax.shard_map`` over the global batch; otherwise a plain function (for
+    ``jax.pmap`` when ``axis_name`` is given).
+  """
+  _check_options(loss_fn, aux_from, thread_aux, has_aux, split, m)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+  def evaluate(x, part, loss_args):
+    x = _as_varying(x, axis_name)
+    if has_aux:
+      (loss, aux), grads = value_and_grad(x, part, *loss_args)
+    else:
+      (loss, grads), aux = value_and_grad(x, part, *loss_args), None
+    return loss, aux, grads
+
+  def one_part(params, opt_state, key, index, part, loss_args):
+    x = params if first_point is None else first_point(jax.random.fold_in(key, index), params, opt_state)
+    loss, aux, g = evaluate(x, part, loss_args)
+    if second_point is None:
+      second_loss, second_aux, g_second = loss, aux, g
+    else:
+      y = second_point(params, opt_state, g)
+      second_args = (aux,) + tuple(loss_args[1:]) if thread_aux else loss_args
+      second_loss, second_aux, g_second = evaluate(y, part, second_args)
+    result = {loss_names[0]: loss, loss_names[1]: second_loss, "grads": g_second}
+    if noisy_grads:
+      result["abs_grads"] = jax.tree.map(jnp.abs, g)
+    if has_aux:
+      result["aux"] = aux if aux_from == "first" else second_aux
+    return result
+
+  def gradients(params, opt_state, batch, key, *loss_args):
+    if thread_aux and not loss_args:
+      raise ValueError("thread_aux=True needs a loss_arg to thread (the step's first loss_arg, e.g. batch_stats)")
+    offset = _part_offset(axis_name, m)
+    parts = _split(batch, m)
+    if m == 1:
+      one = jax.tree.map(lambda x: x[0], parts)
+      result = one_part(params, opt_state, key, offset, one, loss_args)
+    elif split == "vmap":
+      indices = offset + jnp.arange(m)
+      result = jax.vmap(one_part, in_axes=(None, None, None, 0, 0, None))(
+        params, opt_state, key, indices, parts, loss_args
+      )
+      result = _mean_over_parts(result)
+    elif split == "unroll":
+      results = [
+        one_part(params, opt_state, key, offset + i, jax.tree.map(lambda x, i=i: x[i], parts), loss_args)
+        for i in range(m)
+      ]
+      result = jax.tree.map(_mean_of_list, *results)
+    else:
+
+      def body(total, xs):
+        index, part = xs
+        r = one_part(params, opt_state, key, index, part, loss_args)
+        return jax.tree.map(lambda t, v: t + v / m, total, r), None
+
+      init = jax.eval_shape(
+        lambda: one_part(params, opt_state, key, offset, jax.tree.map(lambda x: x[0], parts), loss_args)
+      )
+      init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), init)
+      result, _ = jax.lax.scan(body, init, (offset + jnp.arange(m), parts))
+    if axis_name is not None:
+      result = jax.lax.pmean(result, axis_name)
+    return result
+
+  return gradients if mesh is None else _on_mesh(gradients, mesh, axis_name, m)
+
+
 def make_perturbation_step(
   loss_fn: LossFn,
   tx: optax.GradientTransformation,
@@ -202,82 +337,24 @@ def make_perturbation_step(
     ``aux`` if ``has_aux``. Jitted unless ``axis_name`` is given without ``mesh`` (then it
     is meant to be wrapped in ``jax.pmap`` by the caller).
   """
-  _check_m(m)
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     raise TypeError(f"tx must be an optax.GradientTransformation (or MultiSteps), got {type(tx).__name__}")
-  if aux_from not in ("first", "second"):
-    raise ValueError(f"aux_from must be 'first' or 'second', got {aux_from!r}")
-  if thread_aux and not has_aux:
-    raise ValueError("thread_aux=True needs has_aux=True: the first pass's aux becomes the second pass's loss_args[0]")
-  if split not in ("vmap", "scan", "unroll"):
-    raise ValueError(f"split must be 'vmap', 'scan' or 'unroll', got {split!r}")
-  if mesh is not None and axis_name is None:
-    raise ValueError("mesh= needs axis_name=, the mesh axis the batch is sharded along")
-  if mesh is not None and axis_name not in mesh.axis_names:
-    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
-
-  def evaluate(x, part, loss_args):
-    x = _as_varying(x, axis_name)
-    if has_aux:
-      (loss, aux), grads = value_and_grad(x, part, *loss_args)
-    else:
-      (loss, grads), aux = value_and_grad(x, part, *loss_args), None
-    return loss, aux, grads
-
-  def one_part(params, opt_state, key, index, part, loss_args):
-    x = params if first_point is None else first_point(jax.random.fold_in(key, index), params, opt_state)
-    loss, aux, g = evaluate(x, part, loss_args)
-    if second_point is None:
-      second_loss, second_aux, g_second = loss, aux, g
-    else:
-      y = second_point(params, opt_state, g)
-      second_args = (aux,) + tuple(loss_args[1:]) if thread_aux else loss_args
-      second_loss, second_aux, g_second = evaluate(y, part, second_args)
-    result = {loss_names[0]: loss, loss_names[1]: second_loss, "grads": g_second}
-    if noisy_grads:
-      result["abs_grads"] = jax.tree.map(jnp.abs, g)
-    if has_aux:
-      result["aux"] = aux if aux_from == "first" else second_aux
-    return result
+  gradients = perturbation_gradients(
+    loss_fn,
+    first_point,
+    second_point,
+    m=m,
+    axis_name=axis_name,
+    has_aux=has_aux,
+    aux_from=aux_from,
+    thread_aux=thread_aux,
+    noisy_grads=noisy_grads,
+    split=split,
+    loss_names=loss_names,
+  )
 
   def local_step(params, opt_state, batch, key, *loss_args):
-    if thread_aux and not loss_args:
-      raise ValueError("thread_aux=True needs a loss_arg to thread (the step's first loss_arg, e.g. batch_stats)")
-    offset = _part_offset(axis_name, m)
-    parts = _split(batch, m)
-    if m == 1:
-      one = jax.tree.map(lambda x: x[0], parts)
-      result = one_part(params, opt_state, key, offset, one, loss_args)
-    elif split == "vmap":
-      indices = offset + jnp.arange(m)
-      result = jax.vmap(one_part, in_axes=(None, None, None, 0, 0, None))(
-        params, opt_state, key, indices, parts, loss_args
-      )
-      result = _mean_over_parts(result)
-    elif split == "unroll":
-      results = [
-        one_part(params, opt_state, key, offset + i, jax.tree.map(lambda x, i=i: x[i], parts), loss_args)
-        for i in range(m)
-      ]
-      result = jax.tree.map(_mean_of_list, *results)
-    else:
-
-      def body(total, xs):
-        index, part = xs
-        r = one_part(params, opt_state, key, index, part, loss_args)
-        return jax.tree.map(lambda t, v: t + v / m, total, r), None
-
-      init = jax.eval_shape(
-        lambda: one_part(params, opt_state, key, offset, jax.tree.map(lambda x: x[0], parts), loss_args)
-      )
-      init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), init)
-      result, _ = jax.lax.scan(body, init, (offset + jnp.arange(m), parts))
-    if axis_name is not None:
-      result = jax.lax.pmean(result, axis_name)
+    result = gradients(params, opt_state, batch, key, *loss_args)
     extra = {"noisy_grads": result.pop("abs_grads")} if noisy_grads else {}
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), result.pop("grads"), params)
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
@@ -289,23 +366,7 @@ def make_perturbation_step(
     if axis_name is not None:
       return local_step
     return jax.jit(local_step, donate_argnums=donate_argnums)
-
-  num_devices = mesh.shape[axis_name]
-  replicated = PartitionSpec()
-
-  @functools.partial(jax.jit, donate_argnums=donate_argnums)
-  def sharded_step(params, opt_state, batch, key, *loss_args):
-    size = _batch_size(batch)
-    if size % (num_devices * m):
-      raise ValueError(
-        f"global batch size {size} is not divisible by the number of parts: {num_devices} devices on "
-        f"mesh axis {axis_name!r} x m={m} = {num_devices * m}"
-      )
-    in_specs = (replicated, replicated, PartitionSpec(axis_name), replicated) + (replicated,) * len(loss_args)
-    fn = jax.shard_map(local_step, mesh=mesh, in_specs=in_specs, out_specs=replicated)
-    return fn(params, opt_state, batch, key, *loss_args)
-
-  return sharded_step
+  return _on_mesh(local_step, mesh, axis_name, m, donate_argnums)
 
 
 def bsam_step(

@@ -140,7 +140,7 @@ def make_train_step(
   mesh: Mesh | None = None,
   bn_update: BNUpdate = "both",
   apply_kwargs: dict | None = None,
-  split: Literal["vmap", "scan"] = "vmap",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
 ):
   """Builds a bSAM train step for a linen model held in a :class:`TrainState`.
@@ -166,7 +166,8 @@ def make_train_step(
       ``"none"``; see :mod:`bsam_optax.flax`.
     apply_kwargs: keyword arguments for every training-mode call of the
       model, e.g. ``{"train": True}``.
-    split: ``"vmap"`` or ``"scan"`` over the m parts (see ``bsam_step``).
+    split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
+      ``bsam_step``).
     donate: donate the state's buffers to the compiled step.
 
   Returns:
@@ -234,7 +235,10 @@ def make_nnx_train_step(
   loss_fn: Callable[[nnx.Module, Any], jax.Array],
   *,
   m: int = 1,
+  axis_name: str | None = None,
+  mesh: Mesh | None = None,
   bn_update: BNUpdate = "both",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
   jit: bool = True,
 ):
   """Builds a bSAM train step for an NNX model and its :class:`nnx.Optimizer`.
@@ -247,17 +251,24 @@ def make_nnx_train_step(
     g_ε,i = ∇ loss_fn(merge(graphdef, P + ρ g_i / s, ...), part_i)
 
   then ``optimizer.update(model, mean_i g_ε,i, noisy_grads=mean_i |g_i|)``,
-  which updates the model in place. The numbers are those of
-  :func:`bsam_optax.bsam_step` on the same state and key. BatchNorm
+  which updates the model in place. The parts are evaluated by the machinery
+  of :func:`bsam_optax.bsam_step` (the same keys, splits and devices), so the
+  numbers are those of ``bsam_step`` on the same state and key. BatchNorm
   statistics (``nnx.BatchStat``) follow ``bn_update`` (see
   :mod:`bsam_optax.flax`); put the model in training mode (``model.train()``)
   before training.
 
   Args:
     loss_fn: ``loss_fn(model, batch) -> loss``, the mean loss over the batch.
-    m: the number of m-sharpness parts.
+    m: the number of m-sharpness parts (per device with ``mesh``).
+    axis_name: the mesh axis the batch is sharded along (with ``mesh``).
+    mesh: a ``jax.sharding.Mesh``: the step takes the global batch, sharded
+      along ``axis_name``, and evaluates ``m`` parts on every device with
+      ``jax.shard_map`` (D devices with ``m=1`` give ``m=D`` on one device).
     bn_update: ``"both"`` (the authors' behaviour), ``"perturbed"``,
       ``"noisy"`` or ``"none"``.
+    split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
+      :func:`bsam_optax.bsam_step`).
     jit: wrap the step in ``nnx.jit``.
 
   Returns:
@@ -275,9 +286,16 @@ def make_nnx_train_step(
     >>> out = step(model, optimizer, batch, jax.random.key(0))
   """
   _check_bn_update(bn_update)
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-  _step._check_m(m)
+  if axis_name is not None and mesh is None:
+    raise ValueError("axis_name= needs mesh=: the NNX step runs on several devices through jax.shard_map over a mesh")
+  options = _bsam_step_kwargs(bn_update)
+  if bn_update != "none":  # bsam_step's names for the passes are make_perturbation_step's first and second
+    options["aux_from"] = "first" if options["aux_from"] == "noisy" else "second"
+  _step._check_options(
+    loss_fn, options.get("aux_from", "second"), options.get("thread_aux", False), options["has_aux"], split, m
+  )
+  if mesh is not None:
+    _step._check_mesh(mesh, axis_name)
 
   def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
     graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)
@@ -289,33 +307,25 @@ def make_nnx_train_step(
     def loss(p, part, batch_stats):
       model = nnx.merge(graphdef, p, batch_stats, rest)
       value = loss_fn(model, part)
-      return value, nnx.as_pure(nnx.state(model, nnx.BatchStat))
+      return value if bn_update == "none" else (value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
-    value_and_grad = jax.value_and_grad(loss, has_aux=True)
-
-    def one_part(index, part):
-      theta = _bsam.noisy_params(jax.random.fold_in(key, index), params, opt_state)
-      (noisy_loss, noisy_stats), g = value_and_grad(theta, part, stats)
-      point = _bsam.perturbed_params(params, opt_state, g)
-      start = noisy_stats if bn_update == "both" else stats
-      (perturbed_loss, perturbed_stats), g_eps = value_and_grad(point, part, start)
-      new_stats = {"both": perturbed_stats, "perturbed": perturbed_stats, "noisy": noisy_stats, "none": stats}
-      return {
-        "loss": noisy_loss,
-        "perturbed_loss": perturbed_loss,
-        "grads": g_eps,
-        "abs_grads": jax.tree.map(jnp.abs, g),
-        "stats": new_stats[bn_update],
-      }
-
-    parts = _step._split(batch, m)
-    if m == 1:
-      result = one_part(0, jax.tree.map(lambda x: x[0], parts))
-    else:
-      result = _step._mean_over_parts(jax.vmap(one_part)(jnp.arange(m), parts))
+    gradients = _step.perturbation_gradients(
+      loss,
+      _bsam.noisy_params,
+      _bsam.perturbed_params,
+      m=m,
+      axis_name=axis_name,
+      mesh=mesh,
+      noisy_grads=True,
+      split=split,
+      loss_names=("loss", "perturbed_loss"),
+      **options,
+    )
+    result = gradients(params, opt_state, batch, key, stats)
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), result.pop("grads"), params)
     optimizer.update(model, _as_variables(param_vars, grads), noisy_grads=result.pop("abs_grads"))
-    nnx.update(model, result.pop("stats"))
+    if "aux" in result:
+      nnx.update(model, result.pop("aux"))
     return result
 
   return nnx.jit(step) if jit else step

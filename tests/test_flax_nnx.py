@@ -121,11 +121,43 @@ def test_trains_a_batchnorm_model():
   np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, rtol=1e-5)
 
 
+def _run_steps(steps=2, **kwargs):
+  model, optimizer = _model_and_optimizer()
+  step = make_nnx_train_step(_loss, **kwargs)
+  batch, key = _data(), jax.random.key(7)
+  outs = [step(model, optimizer, batch, jax.random.fold_in(key, t)) for t in range(steps)]
+  return _pure(model, nnx.Param), nnx.as_pure(optimizer.opt_state), _pure(model, nnx.BatchStat), outs
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def test_splits_and_devices_give_the_same_steps():
+  # conftest.py gives this process 8 CPU devices: 4 devices x m=1 and 2 devices x m=2 are m=4 on one device.
+  reference = _run_steps(m=4)
+  for split in ("scan", "unroll"):
+    _assert_trees_close(_run_steps(m=4, split=split)[:3], reference[:3])
+  for devices, m in ((4, 1), (2, 2)):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+    result = _run_steps(m=m, axis_name="data", mesh=mesh)
+    _assert_trees_close(result[:3], reference[:3])
+    np.testing.assert_allclose(result[3][-1]["loss"], reference[3][-1]["loss"], rtol=1e-5)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="bn_update"):
     make_nnx_train_step(_loss, bn_update="mean")
   with pytest.raises(ValueError, match="m must be"):
     make_nnx_train_step(_loss, m=0)
+  with pytest.raises(ValueError, match="split must be"):
+    make_nnx_train_step(_loss, split="pmap")
+  with pytest.raises(ValueError, match="axis_name= needs mesh="):
+    make_nnx_train_step(_loss, axis_name="data")
+  with pytest.raises(TypeError, match="loss_fn must be callable"):
+    make_nnx_train_step("loss")
   model, optimizer = _model_and_optimizer()
   with pytest.raises(ValueError, match="divisible"):
     make_nnx_train_step(_loss, m=3, jit=False)(model, optimizer, _data(), jax.random.key(0))
