@@ -24,6 +24,8 @@ def test_notebook_is_committed_without_outputs_and_uses_the_library(path):
   code = [cell for cell in notebook.cells if cell.cell_type == "code"]
   assert all(not cell.get("outputs") and cell.get("execution_count") is None for cell in code)
   assert any("import bsam_optax as bo" in cell.source for cell in code)
+  # the public API only, as a user would write it
+  assert not [line for cell in code for line in cell.source.splitlines() if "bsam_optax._" in line]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
