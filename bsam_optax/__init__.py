@@ -26,6 +26,7 @@ from bsam_optax._sam import sam_perturbed_params
 from bsam_optax._sam import sam_step
 from bsam_optax._step import bsam_step
 from bsam_optax._step import make_perturbation_step
+from bsam_optax._step import perturbation_gradients
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
   "load_dataset",
   "make_perturbation_step",
   "noisy_params",
+  "perturbation_gradients",
   "perturbed_params",
   "posterior",
   "predictive",

@@ -205,6 +205,18 @@ def perturbation_gradients(
     ``"aux"`` (with ``has_aux``). With ``mesh`` it is a jitted
     ``jax.shard_map`` over the global batch; otherwise a plain function (for
     ``jax.pmap`` when ``axis_name`` is given).
+
+  Example (bSAM's gradients; ``tx.update(out["grads"], state, params,
+  noisy_grads=out["abs_grads"])`` would complete the step):
+
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = bo.bsam(1e-2, n_data=8).init(params)
+    >>> gradients = bo.perturbation_gradients(loss_fn, bo.noisy_params, bo.perturbed_params, m=2, noisy_grads=True)
+    >>> out = gradients(params, state, {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}, jax.random.key(0))
+    >>> sorted(out)
+    ['abs_grads', 'grads', 'loss', 'second_loss']
   """
   _check_options(loss_fn, aux_from, thread_aux, has_aux, split, m)
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
