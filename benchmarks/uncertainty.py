@@ -44,8 +44,8 @@ import optax
 
 import bsam_optax as bo
 from bsam_optax import _data
-from bsam_optax import _metrics
 from bsam_optax import _models
+from bsam_optax import metrics as _metrics
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -13,8 +13,8 @@ import sys
 import time
 
 from bsam_optax import _data
-from bsam_optax import _distributed
 from bsam_optax import _models
+from bsam_optax import distributed as _distributed
 
 __all__ = ["main"]
 

@@ -40,12 +40,12 @@ import optax
 
 from bsam_optax import _bsam
 from bsam_optax import _data
-from bsam_optax import _distributed
-from bsam_optax import _metrics
 from bsam_optax import _models
 from bsam_optax import _posterior
 from bsam_optax import _sam
 from bsam_optax import _step
+from bsam_optax import distributed as _distributed
+from bsam_optax import metrics as _metrics
 
 # The mesh axis of data-parallel training.
 _AXIS = "data"
@@ -431,7 +431,7 @@ def evaluate(
   Returns:
     ``(metrics, bins)``: ``metrics[name]`` has accuracy, nll, brier, ece,
     auroc (misclassification) and ood_auroc as floats; ``bins[name]`` the
-    :class:`~bsam_optax._metrics.ReliabilityBins`, for ``name`` in
+    :class:`~bsam_optax.metrics.ReliabilityBins`, for ``name`` in
     ``"posterior_mean"`` and (with ``key``) ``"model_average"``.
   """
   inputs = jnp.concatenate([data.test.x, data.ood])
@@ -587,6 +587,7 @@ def train(config: TrainConfig) -> TrainResult:
   mesh = _distributed.data_mesh(_AXIS) if config.data_parallel else None
   if mesh is not None:
     params, opt_state, batch_stats, step_key = _distributed.replicate((params, opt_state, batch_stats, step_key), mesh)
+    parts = _step_kwargs(config, mesh, spec.m_sharpness).get("m", 1)  # per device, for the divisibility check
   step = spec.make_step(loss, tx, config, has_aux=config.batch_norm, thread_aux=config.batch_norm, mesh=mesh)
   run_epoch = _make_run_epoch(step, config.batch_norm)
   validation_accuracy = jax.jit(lambda p, bs, x, y: jnp.mean(jnp.argmax(_apply_fn(model, bs)(p, x), -1) == y))
@@ -613,7 +614,6 @@ def train(config: TrainConfig) -> TrainResult:
   for epoch in epochs:
     batches = _data.epoch_batches(jax.random.fold_in(data_key, epoch), data.train, config.batch_size)
     if mesh is not None:
-      parts = _step_kwargs(config, mesh, spec.m_sharpness).get("m", 1)
       batches = jax.tree.map(np.asarray, batches)
       batches = _distributed.shard_global_batch(batches, mesh, _AXIS, m=parts, batch_axis=1)
     params, opt_state, batch_stats, epoch_loss = run_epoch(

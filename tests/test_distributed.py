@@ -1,4 +1,4 @@
-"""Tests for _distributed.py: bSAM across real processes (jax.distributed, gloo on CPU).
+"""Tests for bsam_optax.distributed: bSAM across real processes (jax.distributed, gloo on CPU).
 
 The multi-process tests launch ``tests/_distributed_worker.py`` as child
 processes, each with 2 simulated CPU devices and its own environment (this
@@ -26,7 +26,6 @@ from jax.sharding import PartitionSpec
 
 import bsam_optax as bo
 import bsam_optax.distributed as dist
-from bsam_optax import _distributed
 from bsam_optax import _train
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distributed_worker.py")
@@ -352,8 +351,7 @@ def test_initialize_reads_the_environment(monkeypatch):
 
 def test_launcher_arguments_initialize_only_when_asked(monkeypatch):
   calls = []
-  # initialize_from_args calls the implementation module's initialize
-  monkeypatch.setattr(_distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(dist, "initialize", lambda *a, **k: calls.append((a, k)))
   monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
     monkeypatch.delenv(name, raising=False)
