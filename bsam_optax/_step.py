@@ -381,6 +381,23 @@ def make_perturbation_step(
   return _on_mesh(local_step, mesh, axis_name, m, donate_argnums)
 
 
+def _bsam_rules(aux_from: Literal["noisy", "perturbed"] = "perturbed") -> dict:
+  """The arguments that make :func:`make_perturbation_step` (or :func:`perturbation_gradients`) bSAM.
+
+  ``aux_from`` in bSAM's names for the passes ("noisy" at θ, "perturbed" at
+  ω + ε), translated to the machinery's ("first", "second").
+  """
+  if aux_from not in ("noisy", "perturbed"):
+    raise ValueError(f"aux_from must be 'noisy' or 'perturbed', got {aux_from!r}")
+  return dict(
+    first_point=_bsam.noisy_params,
+    second_point=_bsam.perturbed_params,
+    aux_from="first" if aux_from == "noisy" else "second",
+    noisy_grads=True,
+    loss_names=("loss", "perturbed_loss"),
+  )
+
+
 def bsam_step(
   loss_fn: LossFn,
   tx: optax.GradientTransformation,
@@ -445,21 +462,15 @@ def bsam_step(
     >>> step = bo.bsam_step(loss_fn, tx, m=2)
     >>> params, state, out = step(params, state, batch, jax.random.key(0))
   """
-  if aux_from not in ("noisy", "perturbed"):
-    raise ValueError(f"aux_from must be 'noisy' or 'perturbed', got {aux_from!r}")
   return make_perturbation_step(
     loss_fn,
     tx,
-    _bsam.noisy_params,
-    _bsam.perturbed_params,
     m=m,
     axis_name=axis_name,
     mesh=mesh,
     has_aux=has_aux,
-    aux_from="first" if aux_from == "noisy" else "second",
     thread_aux=thread_aux,
-    noisy_grads=True,
     split=split,
     donate=donate,
-    loss_names=("loss", "perturbed_loss"),
+    **_bsam_rules(aux_from),
   )

@@ -289,11 +289,8 @@ def make_nnx_train_step(
   if axis_name is not None and mesh is None:
     raise ValueError("axis_name= needs mesh=: the NNX step runs on several devices through jax.shard_map over a mesh")
   options = _bsam_step_kwargs(bn_update)
-  if bn_update != "none":  # bsam_step's names for the passes are make_perturbation_step's first and second
-    options["aux_from"] = "first" if options["aux_from"] == "noisy" else "second"
-  _step._check_options(
-    loss_fn, options.get("aux_from", "second"), options.get("thread_aux", False), options["has_aux"], split, m
-  )
+  rules = _step._bsam_rules(options.pop("aux_from", "perturbed"))
+  _step._check_options(loss_fn, rules["aux_from"], options.get("thread_aux", False), options["has_aux"], split, m)
   if mesh is not None:
     _step._check_mesh(mesh, axis_name)
 
@@ -309,18 +306,7 @@ def make_nnx_train_step(
       value = loss_fn(model, part)
       return value if bn_update == "none" else (value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
-    gradients = _step.perturbation_gradients(
-      loss,
-      _bsam.noisy_params,
-      _bsam.perturbed_params,
-      m=m,
-      axis_name=axis_name,
-      mesh=mesh,
-      noisy_grads=True,
-      split=split,
-      loss_names=("loss", "perturbed_loss"),
-      **options,
-    )
+    gradients = _step.perturbation_gradients(loss, m=m, axis_name=axis_name, mesh=mesh, split=split, **options, **rules)
     result = gradients(params, opt_state, batch, key, stats)
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), result.pop("grads"), params)
     optimizer.update(model, _as_variables(param_vars, grads), noisy_grads=result.pop("abs_grads"))
