@@ -82,7 +82,10 @@ def _lowbias32(x: jax.Array) -> jax.Array:
 
 def _counter(shape) -> jax.Array:
   # The row-major index of every entry, built in the output's own shape: a 1-D
-  # iota reshaped afterwards fuses into a slower loop on XLA:CPU.
+  # iota reshaped afterwards fuses into a slower loop on XLA:CPU. A uint32
+  # counter is what limits a draw to 2**32 values.
+  if math.prod(shape) >= 2**32:
+    raise ValueError(f"hash_prng_impl draws at most 2**32 values per key, asked for shape {shape}")
   if len(shape) <= 1:
     return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   index = jnp.zeros(shape, jnp.uint32)
@@ -102,8 +105,6 @@ def _hash_random_bits(key: jax.Array, bit_width: int, shape) -> jax.Array:
   shape = tuple(shape)
   if bit_width not in _UINT:
     raise TypeError(f"bit_width must be 8, 16, 32 or 64, got {bit_width}")
-  if math.prod(shape) >= 2**32:
-    raise ValueError(f"hash_prng_impl draws at most 2**32 values per key, asked for shape {shape}")
   counter = _counter(shape)
   words = _hash_words(key, counter, 0)
   if bit_width == 64:
@@ -175,10 +176,7 @@ def _hash_normal(key: jax.Array, shape) -> jax.Array:
   # per entry: the pair's other normal, r sin(2 pi v), would sit at another
   # entry, and XLA's fused loops compute every output entry on its own, so
   # sharing r across two entries would compute it twice anyway.
-  shape = tuple(shape)
-  if math.prod(shape) >= 2**32:
-    raise ValueError(f"hash_prng_impl draws at most 2**32 values per key, asked for shape {shape}")
-  counter = _counter(shape)
+  counter = _counter(tuple(shape))
   return _box_muller(_hash_words(key, counter, 0), _hash_words(key, counter, 1))
 
 
