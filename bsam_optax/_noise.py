@@ -13,7 +13,7 @@ the rest of a small model's step. Three choices keep it cheap (numbers: MLP
   was 1.1-1.2x (m = 1) and 1.3-1.7x (m = 8) slower with it.
 
 * **The generator is the key's.** ``jax.random.key(seed)`` (threefry, JAX's
-  reproducible default) stays the default: ~7-10 ns per normal on this CPU
+  reproducible default) stays the default: ~6.5-10 ns per normal on this CPU
   (~5 ns with ``jax.config.update("jax_threefry_partitionable", False)``, a
   global JAX setting that changes the stream); JAX's ``"rbg"`` and
   ``"unsafe_rbg"`` keys are ~3x *slower* there. :data:`hash_prng_impl` is a
