@@ -109,7 +109,7 @@ def sam_perturbed_params(params: Params, grads: Updates, *, rho, eps: float = 1e
 
 
 def asam_perturbed_params(params: Params, grads: Updates, *, rho, eta, eps: float = 1e-12) -> Params:
-  """Returns ω + ε with ASAM's ε = ρ T² g / ‖T g‖, T = |ω| + η (Kwon et al., Eq. 12).
+  """Returns ω + ε with ASAM's ε = ρ T² g / ‖T g‖, T = ``|ω| + η`` (Kwon et al., Eq. 12).
 
   The worst case in the ellipsoid ``‖T⁻¹ ε‖ ≤ ρ`` to first order; scale
   invariant for η = 0 (rescaling a layer's weights rescales its ε alike).
@@ -118,7 +118,7 @@ def asam_perturbed_params(params: Params, grads: Updates, *, rho, eta, eps: floa
     params: ω.
     grads: g, the gradient at ω (of one m-sharpness part).
     rho: ρ, the radius in the T-scaled space; ``‖T⁻¹ ε‖ = ρ``.
-    eta: η, added to |ω| so that zero weights are perturbed too.
+    eta: η, added to ``|ω|`` so that zero weights are perturbed too.
     eps: added to ‖T g‖ so that a zero gradient gives ε = 0.
 
   Returns:
