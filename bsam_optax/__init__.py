@@ -2,10 +2,13 @@
 
 from bsam_optax._bsam import BSAMState
 from bsam_optax._bsam import bsam
+from bsam_optax._bsam import bsam_no_noise_step
+from bsam_optax._bsam import bsam_rule
+from bsam_optax._bsam import bsam_step
 from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params
 from bsam_optax._bsam import perturbed_params
-from bsam_optax._bsam import posterior
+from bsam_optax._bsam import scale_by_bsam
 from bsam_optax._checkpoint import Checkpoint
 from bsam_optax._checkpoint import restore_checkpoint
 from bsam_optax._checkpoint import save_checkpoint
@@ -15,16 +18,22 @@ from bsam_optax._data import epoch_batches
 from bsam_optax._data import iterate_batches
 from bsam_optax._data import load_dataset
 from bsam_optax._noise import hash_prng_impl
+from bsam_optax._posterior import find_posterior_state
+from bsam_optax._posterior import posterior
 from bsam_optax._posterior import predictive
 from bsam_optax._posterior import sample_posterior
 from bsam_optax._sam import asam_perturbed_params
+from bsam_optax._sam import asam_rule
 from bsam_optax._sam import asam_step
-from bsam_optax._sam import bsam_no_noise_step
 from bsam_optax._sam import random_perturbed_params
+from bsam_optax._sam import random_sam_rule
 from bsam_optax._sam import random_sam_step
 from bsam_optax._sam import sam_perturbed_params
+from bsam_optax._sam import sam_rule
 from bsam_optax._sam import sam_step
-from bsam_optax._step import bsam_step
+from bsam_optax._step import PerturbationRule
+from bsam_optax._step import StepInfo
+from bsam_optax._step import StepOptions
 from bsam_optax._step import make_perturbation_step
 from bsam_optax._step import perturbation_gradients
 
@@ -34,14 +43,20 @@ __all__ = [
   "BSAMState",
   "Checkpoint",
   "Dataset",
+  "PerturbationRule",
   "Split",
+  "StepInfo",
+  "StepOptions",
   "asam_perturbed_params",
+  "asam_rule",
   "asam_step",
   "bsam",
   "bsam_no_noise_step",
+  "bsam_rule",
   "bsam_step",
   "epoch_batches",
   "find_bsam_state",
+  "find_posterior_state",
   "hash_prng_impl",
   "iterate_batches",
   "load_dataset",
@@ -52,10 +67,13 @@ __all__ = [
   "posterior",
   "predictive",
   "random_perturbed_params",
+  "random_sam_rule",
   "random_sam_step",
   "restore_checkpoint",
-  "sample_posterior",
   "sam_perturbed_params",
+  "sam_rule",
   "sam_step",
+  "sample_posterior",
   "save_checkpoint",
+  "scale_by_bsam",
 ]

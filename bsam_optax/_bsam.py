@@ -13,9 +13,11 @@ bSAM (Möllenhoff & Khan, 2023, Alg. 1) learns a diagonal Gaussian posterior
 
 with α = ``learning_rate``, N = ``n_data``, ρ = ``rho``, β1 = ``b1``,
 β2 = ``b2``, δ = ``weight_decay``, γ = ``damping``; all operations are
-elementwise. :func:`bsam` is the last three lines; :func:`noisy_params` and
-:func:`perturbed_params` are the first stages, and
-:func:`bsam_optax.bsam_step` fuses all of them into one compiled step.
+elementwise. :func:`scale_by_bsam` is the momentum and scale lines (it returns
+``g_m / s``), :func:`bsam` chains it with the learning rate, as optax's
+``sophia`` does; :func:`noisy_params` and :func:`perturbed_params` are the
+first stages; :func:`bsam_rule` hands them to the step machinery, and
+:func:`bsam_step` fuses all of them into one compiled step.
 
 Deviation from the authors' research code: their mean update divides by the
 *old* scale ``s`` (computed before the scale update). We follow the seed
@@ -30,7 +32,11 @@ import jax.numpy as jnp
 import optax
 from optax import tree as otu
 
-from bsam_optax import _noise
+from bsam_optax import _posterior
+from bsam_optax import _step
+from bsam_optax._checks import check_decay
+from bsam_optax._checks import check_nonnegative
+from bsam_optax._checks import check_positive
 
 Params = Any
 Updates = Any
@@ -39,15 +45,18 @@ ScalarOrSchedule = optax.ScalarOrSchedule
 __all__ = [
   "BSAMState",
   "bsam",
+  "bsam_no_noise_step",
+  "bsam_rule",
+  "bsam_step",
   "find_bsam_state",
   "noisy_params",
   "perturbed_params",
-  "posterior",
+  "scale_by_bsam",
 ]
 
 
 class BSAMState(NamedTuple):
-  """State of :func:`bsam`.
+  """State of :func:`scale_by_bsam` (and so of :func:`bsam`).
 
   The posterior is ``N(params, 1 / (n_data * scale))``; ``rho`` and ``n_data``
   live here (as scalars) so that the stages :func:`noisy_params` and
@@ -60,39 +69,15 @@ class BSAMState(NamedTuple):
   rho: jax.Array  # shape (), ρ for the next step (schedules evaluated at count)
   n_data: jax.Array  # shape (), N, the (possibly tempered) dataset size
 
+  def posterior_std(self) -> Updates:
+    """``1 / sqrt(N s)`` per entry (``optax.MaskedNode`` where masked): the Gaussian-posterior protocol."""
+    return jax.tree.map(
+      lambda s: s if _is_masked(s) else jax.lax.rsqrt(self.n_data * s), self.scale, is_leaf=_is_masked
+    )
 
-def _is_python_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-
-def _check_hyperparameters(learning_rate, n_data, rho, b1, b2, weight_decay, damping, init_scale) -> None:
-  # Only Python scalars are checked: schedules and (traced) arrays, as passed by
-  # `optax.inject_hyperparams`, go through unchecked.
-  if _is_python_number(learning_rate) and learning_rate < 0:
-    raise ValueError(f"learning_rate must be >= 0, got {learning_rate}")
-  if _is_python_number(n_data) and n_data <= 0:
-    raise ValueError(f"n_data must be > 0 (the dataset size N), got {n_data}")
-  if _is_python_number(rho) and rho < 0:
-    raise ValueError(f"rho must be >= 0, got {rho}")
-  for name, value in (("b1", b1), ("b2", b2)):
-    if _is_python_number(value) and not 0.0 <= value < 1.0:
-      raise ValueError(f"{name} must be in [0, 1), got {value}")
-  if _is_python_number(weight_decay) and weight_decay < 0:
-    raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-  if _is_python_number(damping) and damping < 0:
-    raise ValueError(f"damping must be >= 0, got {damping}")
-  if _is_python_number(init_scale) and init_scale <= 0:
-    raise ValueError(f"init_scale must be > 0, got {init_scale}")
-  for name, value in (
-    ("n_data", n_data),
-    ("b1", b1),
-    ("b2", b2),
-    ("weight_decay", weight_decay),
-    ("damping", damping),
-    ("init_scale", init_scale),
-  ):
-    if callable(value) or isinstance(value, (str, bool)) or value is None:
-      raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
 
 
 def _check_params(params) -> None:
@@ -106,6 +91,99 @@ def _check_params(params) -> None:
 
 def _value_at(value: ScalarOrSchedule, count) -> jax.Array:
   return value(count) if callable(value) else value
+
+
+def scale_by_bsam(
+  n_data: float,
+  *,
+  rho: ScalarOrSchedule = 0.05,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  weight_decay: float = 0.0,
+  damping: float = 0.1,
+  init_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""bSAM's momentum and scale updates (Alg. 1, lines 6-7), returning ``g_m / s``.
+
+  ``update(perturbed_grads, state, params, noisy_grads=|g|)`` takes the
+  gradient ``g_ε`` at ``ω + ε`` as ``updates`` and ``|g|``, the gradient at the
+  noisy sample θ (its absolute value, or the mean over m-sharpness parts of
+  the absolute values), as the keyword-only extra argument ``noisy_grads``::
+
+    g_m ← β1 g_m + (1 − β1) (g_ε + δ ω)
+    s   ← β2 s   + (1 − β2) (√s · |g| + δ + γ)
+    return g_m / s                                   # the NEW s
+
+  Chain it with a learning rate (:func:`bsam` does) for the step
+  ``ω ← ω − α g_m / s``.
+
+  Args:
+    n_data: N, the number of training examples. Scaling it up tempers the
+      posterior (the paper does so under data augmentation, App. G).
+    rho: ρ, the perturbation radius used by :func:`perturbed_params`, a float
+      or a schedule of the step count.
+    b1: β1, decay of the momentum ``g_m``.
+    b2: β2, decay of the scale ``s``.
+    weight_decay: δ, the L2 regularizer (Gaussian prior precision N δ).
+    damping: γ, added to the scale in every update.
+    init_scale: initial value of every entry of ``s``.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` with state :class:`BSAMState`.
+  """
+  check_positive("n_data", n_data)
+  check_nonnegative("rho", rho, schedule=True)
+  check_decay("b1", b1)
+  check_decay("b2", b2)
+  check_nonnegative("weight_decay", weight_decay)
+  check_nonnegative("damping", damping)
+  check_positive("init_scale", init_scale)
+
+  def init_fn(params):
+    _check_params(params)
+    count = jnp.zeros([], jnp.int32)
+    return BSAMState(
+      count=count,
+      momentum=otu.zeros_like(params),
+      scale=otu.full_like(params, init_scale),
+      rho=jnp.asarray(_value_at(rho, count), jnp.float32),
+      n_data=jnp.asarray(n_data, jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, *, noisy_grads=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("bsam needs params (ω) in update(..., params)")
+    if noisy_grads is None:
+      raise ValueError(
+        "bsam's update needs noisy_grads=, the gradient at θ drawn by noisy_params; call "
+        "tx.update(perturbed_grads, state, params, noisy_grads=noisy_grads) or use bsam_step. If you did pass it, "
+        "a wrapper dropped it: flax.training.train_state.TrainState.apply_gradients does, use "
+        "bsam_optax.flax.TrainState"
+      )
+    momentum = jax.tree.map(
+      lambda m, g_eps, w: b1 * m + (1 - b1) * (g_eps + weight_decay * w),
+      state.momentum,
+      updates,
+      params,
+    )
+    scale = jax.tree.map(
+      lambda s, g: b2 * s + (1 - b2) * (jnp.sqrt(s) * jnp.abs(g) + weight_decay + damping),
+      state.scale,
+      noisy_grads,
+    )
+    new_updates = jax.tree.map(lambda m, s, w: (m / s).astype(jnp.result_type(w)), momentum, scale, params)
+    count = optax.safe_increment(state.count)
+    new_state = BSAMState(
+      count=count,
+      momentum=momentum,
+      scale=scale,
+      rho=jnp.asarray(_value_at(rho, count), state.rho.dtype),
+      n_data=jnp.asarray(n_data, state.n_data.dtype),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def bsam(
@@ -131,10 +209,11 @@ def bsam(
     s   ← β2 s   + (1 − β2) (√s · |g| + δ + γ)
     ω   ← ω − α g_m / s
 
+  It is ``optax.chain(scale_by_bsam(...), optax.scale_by_learning_rate(α))``.
   The posterior over the parameters is ``N(ω, 1 / (N s))``; see
-  :func:`posterior`. Use :func:`noisy_params` and :func:`perturbed_params` to
-  build the two points at which the gradients are taken, or
-  :func:`bsam_optax.bsam_step` for the whole compiled step.
+  :func:`~bsam_optax.posterior`. Use :func:`noisy_params` and
+  :func:`perturbed_params` to build the two points at which the gradients are
+  taken, or :func:`bsam_step` for the whole compiled step.
 
   Under m-sharpness the step passes ``noisy_grads = mean_k |g_k|`` (already
   nonnegative), so the scale update uses the mean over parts of ``√s |g_k|``.
@@ -172,53 +251,23 @@ def bsam(
     Möllenhoff & Khan, `SAM as an Optimal Relaxation of Bayes
     <https://arxiv.org/abs/2210.01620>`_, ICLR 2023.
   """
-  _check_hyperparameters(learning_rate, n_data, rho, b1, b2, weight_decay, damping, init_scale)
+  check_nonnegative("learning_rate", learning_rate, schedule=True)
+  return optax.chain(
+    scale_by_bsam(
+      n_data,
+      rho=rho,
+      b1=b1,
+      b2=b2,
+      weight_decay=weight_decay,
+      damping=damping,
+      init_scale=init_scale,
+    ),
+    optax.scale_by_learning_rate(learning_rate),
+  )
 
-  def init_fn(params):
-    _check_params(params)
-    count = jnp.zeros([], jnp.int32)
-    return BSAMState(
-      count=count,
-      momentum=otu.zeros_like(params),
-      scale=otu.full_like(params, init_scale),
-      rho=jnp.asarray(_value_at(rho, count), jnp.float32),
-      n_data=jnp.asarray(n_data, jnp.float32),
-    )
 
-  def update_fn(updates, state, params=None, *, noisy_grads=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("bsam needs params (ω) in update(..., params)")
-    if noisy_grads is None:
-      raise ValueError(
-        "bsam's update needs noisy_grads=, the gradient at θ drawn by "
-        "noisy_params; call tx.update(perturbed_grads, state, params, "
-        "noisy_grads=noisy_grads) or use bsam_step"
-      )
-    momentum = jax.tree.map(
-      lambda m, g_eps, w: b1 * m + (1 - b1) * (g_eps + weight_decay * w),
-      state.momentum,
-      updates,
-      params,
-    )
-    scale = jax.tree.map(
-      lambda s, g: b2 * s + (1 - b2) * (jnp.sqrt(s) * jnp.abs(g) + weight_decay + damping),
-      state.scale,
-      noisy_grads,
-    )
-    lr = _value_at(learning_rate, state.count)
-    new_updates = jax.tree.map(lambda m, s, w: (-lr * m / s).astype(jnp.result_type(w)), momentum, scale, params)
-    count = optax.safe_increment(state.count)
-    new_state = BSAMState(
-      count=count,
-      momentum=momentum,
-      scale=scale,
-      rho=jnp.asarray(_value_at(rho, count), state.rho.dtype),
-      n_data=jnp.asarray(n_data, state.n_data.dtype),
-    )
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+def _is_bsam_state(x) -> bool:
+  return isinstance(x, BSAMState)
 
 
 def find_bsam_state(opt_state) -> BSAMState:
@@ -231,22 +280,7 @@ def find_bsam_state(opt_state) -> BSAMState:
   Raises:
     ValueError: if ``opt_state`` holds no bsam state, or more than one.
   """
-  if isinstance(opt_state, BSAMState):
-    return opt_state
-  found = [
-    x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, BSAMState)) if isinstance(x, BSAMState)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f"opt_state must contain exactly one BSAMState (the state of "
-      f"bsam_optax.bsam), found {len(found)}; did you pass the state of "
-      f"tx.init(params) for a tx that contains bsam?"
-    )
-  return found[0]
-
-
-def _is_masked(x) -> bool:
-  return isinstance(x, optax.MaskedNode)
+  return _posterior.find_state(opt_state, _is_bsam_state, "BSAMState (the state of bsam_optax.bsam)")
 
 
 def _map_unmasked(fn, scale, *trees):
@@ -259,30 +293,24 @@ def _map_unmasked(fn, scale, *trees):
   )
 
 
-def noisy_params(key: jax.Array, params: Params, opt_state) -> Params:
+def noisy_params(key: jax.Array, params: Params, opt_state, *, noise: str = "auto") -> Params:
   """Draws θ ~ N(ω, 1 / (N s)) for the first gradient of a bSAM step.
 
   Each leaf gets its own standard-normal draw from ``fold_in(key, leaf
-  index)`` (see :mod:`bsam_optax._noise`); the generator is the one of
-  ``key``'s implementation: threefry for ``jax.random.key(seed)``, or the
-  several times faster ``jax.random.key(seed, impl=bsam_optax.hash_prng_impl)``.
+  index)`` (see :mod:`bsam_optax._noise`).
 
   Args:
     key: a PRNG key; the only source of randomness.
     params: ω, the posterior mean.
     opt_state: the state of a transformation containing one :func:`bsam`.
+    noise: ``"auto"`` (the library's generator) or ``"jax"``
+      (``jax.random.normal``'s stream for ``key``).
 
   Returns:
     θ, with the structure and dtypes of ``params``.
   """
   state = find_bsam_state(opt_state)
-  noise = _noise.normal_like(key, params)
-  return _map_unmasked(
-    lambda s, w, z: (w + z * jax.lax.rsqrt(state.n_data * s)).astype(w.dtype),
-    state.scale,
-    params,
-    noise,
-  )
+  return _posterior.gaussian_params(key, params, state, noise=noise)
 
 
 def perturbed_params(params: Params, opt_state, noisy_grads: Updates) -> Params:
@@ -305,21 +333,122 @@ def perturbed_params(params: Params, opt_state, noisy_grads: Updates) -> Params:
   )
 
 
-def posterior(params: Params, opt_state) -> tuple[Params, Params]:
-  """The learned diagonal Gaussian posterior ``N(mean, std**2)``.
+def _abs_noisy_grads(params, opt_state, x, g) -> dict:
+  del params, opt_state, x
+  return {"noisy_grads": jax.tree.map(jnp.abs, g)}
+
+
+def bsam_rule(*, noise: str = "auto") -> _step.PerturbationRule:
+  """bSAM as a :class:`~bsam_optax.PerturbationRule`: θ ~ N(ω, 1/(N s)), then ω + ρ g / s, and ``noisy_grads=|g|``.
 
   Args:
-    params: ω, the posterior mean.
-    opt_state: the state of a transformation containing one :func:`bsam`.
+    noise: the generator of θ's noise, see :func:`noisy_params`.
+  """
+  return _step.PerturbationRule(
+    first_point=lambda key, params, opt_state: noisy_params(key, params, opt_state, noise=noise),
+    second_point=perturbed_params,
+    update_args=_abs_noisy_grads,
+  )
+
+
+def bsam_step(
+  loss_fn,
+  tx: optax.GradientTransformation,
+  m: int = 1,
+  axis_name: str | None = None,
+  *,
+  noise: str = "auto",
+  **options,
+):
+  """The fused, compiled bSAM step with m-sharpness.
+
+  For each of the ``m`` parts of the batch (and of every device)::
+
+    θ_i   = noisy_params(fold_in(key, i), ω, state)     # θ_i ~ N(ω, 1/(N s))
+    g_i   = ∇ loss_fn(θ_i, part_i)
+    g_ε,i = ∇ loss_fn(ω + ρ g_i / s, part_i)
+
+  then ``tx.update(mean_i g_ε,i, state, ω, noisy_grads=mean_i |g_i|)``, which
+  for :func:`bsam` makes the scale update use the mean over parts of
+  ``√s |g_i|``. ``tx`` may be any optax pipeline containing one ``bsam``
+  (``optax.chain`` with clipping, ``inject_hyperparams``, ``MultiSteps``).
+  It is :func:`~bsam_optax.make_perturbation_step` with :func:`bsam_rule`.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *loss_args) -> loss`` (a mean over the
+      batch), or ``-> (loss, aux)`` with ``has_aux=True``. ``loss_args`` are
+      passed unsplit to every part (e.g. BatchNorm statistics).
+    tx: an optax transformation containing :func:`bsam`.
+    m: the number of m-sharpness parts (per device).
+    axis_name: the device axis; the returned step is then meant for
+      ``jax.pmap(step, axis_name=axis_name)`` with params, state and key
+      replicated and the batch sharded, unless ``mesh`` is given.
+    noise: the generator of θ's noise, see :func:`noisy_params`.
+    **options: the other fields of :class:`~bsam_optax.StepOptions`:
+      ``mesh``, ``has_aux``, ``aux_from`` (``"first"`` at θ or ``"second"``
+      at ω + ε; the earlier ``"noisy"``/``"perturbed"`` still work),
+      ``aux_reduce``, ``thread_aux``,
+      ``split``, ``donate``.
 
   Returns:
-    ``(mean, std)`` with ``std = 1 / sqrt(N s)`` per leaf. Leaves masked out of
-    bsam (``optax.masked``) have ``std`` 0: they are point estimates.
+    ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state,
+    info)``, ``info`` a :class:`~bsam_optax.StepInfo`: ``info.loss`` the mean
+    loss at the noisy samples θ_i, ``info.second_loss`` (also
+    ``info["perturbed_loss"]``) at ω + ε_i, ``info.aux`` the reduced aux.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}
+    >>> tx = bo.bsam(1e-2, n_data=8)
+    >>> state = tx.init(params)
+    >>> step = bo.bsam_step(loss_fn, tx, m=2)
+    >>> params, state, info = step(params, state, batch, jax.random.key(0))
   """
-  state = find_bsam_state(opt_state)
-  std = _map_unmasked(
-    lambda s, w: jax.lax.rsqrt(state.n_data * s).astype(w.dtype),
-    state.scale,
-    jax.tree.map(jnp.zeros_like, params),
-  )
-  return params, std
+  # bSAM's earlier names for the passes, kept for code written against them.
+  aux_from = {"noisy": "first", "perturbed": "second"}.get(options.get("aux_from"), options.get("aux_from", "second"))
+  options = dict(options, aux_from=aux_from)
+  return _step.make_perturbation_step(loss_fn, tx, bsam_rule(noise=noise), m=m, axis_name=axis_name, **options)
+
+
+def bsam_no_noise_step(loss_fn, tx: optax.GradientTransformation, **options):
+  """bSAM without noise, the ablation of the paper's Sec. F.5 / Table 3.
+
+  Alg. 1 with line 3 (θ ~ N(ω, 1/(N s))) removed: the first gradient is
+  taken at the mean ω instead of at a sample θ. For each part::
+
+    g_i   = ∇ loss_fn(ω, part_i)                  # bSAM: at θ_i ~ N(ω, 1/(N s))
+    g_ε,i = ∇ loss_fn(ω + ρ g_i / s, part_i)
+
+  then ``tx.update(mean_i g_ε,i, state, ω, noisy_grads=mean_i |g_i|)``, so
+  the scale update also sees the gradient at ω. Everything else is
+  :func:`bsam_step`; ``tx`` must contain one :func:`bsam` and the learned
+  posterior is still ``N(ω, 1/(N s))``.
+
+  Args:
+    loss_fn: as for :func:`bsam_step`.
+    tx: an optax transformation containing :func:`bsam`.
+    **options: the fields of :class:`~bsam_optax.StepOptions`; ``aux_from``
+      is ``"first"`` (at ω) or ``"second"`` (at ω + ε).
+
+  Returns:
+    ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state,
+    info)``; ``info.loss`` is the mean loss at ω, ``info.second_loss`` at
+    ω + ε_i. ``key`` is unused.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}
+    >>> tx = bo.bsam(1e-2, n_data=8)
+    >>> step = bo.bsam_no_noise_step(loss_fn, tx, m=2)
+    >>> params, state, info = step(params, tx.init(params), batch, jax.random.key(0))
+
+  References:
+    Möllenhoff & Khan, `SAM as an Optimal Relaxation of Bayes
+    <https://arxiv.org/abs/2210.01620>`_, ICLR 2023, Sec. F.5.
+  """
+  rule = _step.PerturbationRule(second_point=perturbed_params, update_args=_abs_noisy_grads)
+  return _step.make_perturbation_step(loss_fn, tx, rule, **options)

@@ -192,7 +192,7 @@ def _draw(key: jax.Array, shape, dtype) -> jax.Array:
   return jax.random.normal(key, shape, dtype)
 
 
-def normal_like(key: jax.Array, tree):
+def normal_like(key: jax.Array, tree, *, noise: str = "auto"):
   """Draws a standard normal for every entry of ``tree``, in its dtypes.
 
   Leaf ``j`` (in ``jax.tree.leaves`` order) is
@@ -204,6 +204,8 @@ def normal_like(key: jax.Array, tree):
   Args:
     key: a PRNG key.
     tree: a pytree of floating-point arrays.
+    noise: ``"auto"`` (the library's choice of generator) or ``"jax"``
+      (``jax.random.normal``'s exact stream for ``key``).
 
   Returns:
     A pytree like ``tree`` of independent N(0, 1) draws.
@@ -215,7 +217,17 @@ def normal_like(key: jax.Array, tree):
     >>> z["w"].shape
     (2, 3)
   """
+  if noise not in ("auto", "jax"):
+    raise ValueError(f"noise must be 'auto' or 'jax', got {noise!r}")
   leaves, treedef = jax.tree.flatten(tree)
+  if noise == "jax":
+    return jax.tree.unflatten(
+      treedef,
+      [
+        jax.random.normal(jax.random.fold_in(key, j), jnp.shape(x), _draw_dtype(x)).astype(jnp.result_type(x))
+        for j, x in enumerate(leaves)
+      ],
+    )
   out = [
     _draw(jax.random.fold_in(key, j), jnp.shape(leaf), _draw_dtype(leaf)).astype(jnp.result_type(leaf))
     for j, leaf in enumerate(leaves)

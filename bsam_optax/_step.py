@@ -1,25 +1,35 @@
-"""The compiled bSAM step: noise → first gradient → perturbation → update.
+"""The step machinery: a gradient at a first point, a gradient at a second point, an optax update.
 
-``bsam_step(loss_fn, tx, m=k)`` splits the batch into ``k`` equal parts
-(m-sharpness, paper App. E.4). Part ``i`` gets its own key
-``fold_in(key, i)``, its own noise sample θ_i, gradient g_i, perturbation ε_i
-and perturbed gradient; the update then uses ``mean_i g_ε,i`` and
-``mean_i |g_i|``. Across devices (``axis_name``, under ``jax.pmap`` or
-``jax.shard_map``) each device holds ``k`` parts whose index counts across
-devices (``axis_index * k + i``) and results meet through ``lax.pmean``, so D
-devices with ``m=1`` give the result of ``m=D`` on one device.
+Every method of this library is a :class:`PerturbationRule`, a small value of
+three functions; one builder, :func:`make_perturbation_step`, turns a rule, a
+loss and an optax transformation into a compiled step. Per m-sharpness part
+``i`` (key ``fold_in(key, i)``, ``i`` counting across devices)::
 
-The same machinery serves any method whose step is "gradient at a first point,
-gradient at a second point, optax update": :func:`make_perturbation_step`
-takes the two point rules; :func:`bsam_step` plugs in
-:func:`~bsam_optax.noisy_params` and :func:`~bsam_optax.perturbed_params`.
+  x_i  = rule.first_point(key_i, params, opt_state)        # params if None
+  g_i  = ∇ loss_fn(x_i, part_i)
+  y_i  = rule.second_point(params, opt_state, g_i)         # skipped if None
+  gy_i = ∇ loss_fn(y_i, part_i)                            # gy_i = g_i if skipped
+  a_i  = rule.update_args(params, opt_state, x_i, g_i)     # {} if None
+
+then ``tx.update(mean_i gy_i, opt_state, params, **mean_i a_i)``.
+
+The parts are evaluated side by side (``split="vmap"``), one after the other
+(``"scan"``, gradient accumulation) or as ``m`` copies of one part's graph
+(``"unroll"``). Across devices (``axis_name``, under ``jax.pmap`` or
+``jax.shard_map``) each device holds ``m`` parts whose index counts across
+devices (``axis_index * m + i``) and the means meet through ``lax.pmean``, so
+D devices with ``m=1`` give the result of ``m=D`` on one device.
+
+This module knows no method by name: bSAM's rule is in ``_bsam.py``, the SAM
+family's in ``_sam.py``.
 """
 
+import dataclasses
 import functools
-import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +37,136 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 
-from bsam_optax import _bsam
+from bsam_optax._checks import check_count
 
 Params = Any
 Batch = Any
+OptState = Any
 LossFn = Callable[..., Any]
-# (key, params, opt_state) -> the point of the first gradient
-FirstPoint = Callable[[jax.Array, Params, Any], Params]
-# (params, opt_state, first_grads) -> the point of the second gradient
-SecondPoint = Callable[[Params, Any, Params], Params]
 
-__all__ = ["bsam_step", "make_perturbation_step", "perturbation_gradients"]
+__all__ = [
+  "PerturbationRule",
+  "StepInfo",
+  "StepOptions",
+  "make_perturbation_step",
+  "perturbation_gradients",
+]
 
 
-def _check_m(m) -> None:
-  if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-    raise TypeError(f"m must be an int (the number of m-sharpness parts), got {m!r}")
-  if m < 1:
-    raise ValueError(f"m must be >= 1, got {m}")
+class PerturbationRule(NamedTuple):
+  """A method, as the step machinery sees it: where its two gradients are taken and what its update gets.
+
+  Attributes:
+    first_point: ``(key, params, opt_state) -> x``, the point of the first
+      gradient (a noisy sample for bSAM, RandomSAM and MFVI); ``None`` for
+      ``params`` itself (the key is then unused).
+    second_point: ``(params, opt_state, g) -> y``, the point of the second
+      gradient given the first gradient ``g`` (SAM's ``ω + ρ g / ‖g‖``);
+      ``None`` for a one-gradient method, whose update gets ``g``.
+    update_args: ``(params, opt_state, x, g) -> dict``, extra keyword
+      arguments of ``tx.update`` computed from the first point and gradient
+      (bSAM's ``noisy_grads=|g|``); each value is a pytree, averaged over
+      parts and devices. ``None`` for none.
+
+  Example (SAM with a fixed radius; the library's own is :func:`bsam_optax.sam_rule`)::
+
+    rule = PerturbationRule(second_point=lambda params, state, g: bo.sam_perturbed_params(params, g, rho=0.05))
+  """
+
+  first_point: Callable[[jax.Array, Params, OptState], Params] | None = None
+  second_point: Callable[[Params, OptState, Params], Params] | None = None
+  update_args: Callable[[Params, OptState, Params, Params], dict] | None = None
+
+
+_LEGACY_KEYS = {"loss": "loss", "second_loss": "second_loss", "perturbed_loss": "second_loss", "aux": "aux"}
+
+
+class StepInfo(NamedTuple):
+  """What a step reports besides the new parameters and state.
+
+  ``info["loss"]``, ``info["perturbed_loss"]`` (= ``second_loss``) and
+  ``info["aux"]`` work too, for code written against the earlier dict.
+  """
+
+  loss: jax.Array  # shape (): the mean loss at the first points
+  second_loss: jax.Array  # shape (): the mean loss at the second points (= loss without a second point)
+  aux: Any = None  # the chosen pass's aux, reduced over parts and devices (None without has_aux)
+
+  def __getitem__(self, key):
+    if isinstance(key, str):
+      if key not in _LEGACY_KEYS:
+        raise KeyError(f"{key!r}; StepInfo has loss, second_loss (alias perturbed_loss) and aux")
+      return getattr(self, _LEGACY_KEYS[key])
+    return tuple.__getitem__(self, key)
+
+
+def _check_flag(name: str, value) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """How a step is evaluated; the keyword options of every ``*_step`` builder, checked in one place.
+
+  Attributes:
+    m: the number of m-sharpness parts per device the batch is split into,
+      each with its own key (and so its own noise or perturbation).
+    axis_name: the device axis, for ``jax.pmap`` / ``jax.shard_map``. Without
+      ``mesh`` the step is then not jitted: wrap it in
+      ``jax.pmap(step, axis_name=axis_name)`` (params, state and key
+      replicated, the batch sharded).
+    mesh: a ``jax.sharding.Mesh``: the step is a jitted ``jax.shard_map`` over
+      it that takes the *global* batch, sharded along ``axis_name``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    aux_from: which pass's ``aux`` the step returns: ``"first"`` or
+      ``"second"``.
+    aux_reduce: ``"mean"`` averages ``aux`` over parts and devices (BatchNorm
+      statistics); ``"concat"`` concatenates it along the leading axis in
+      batch order (per-example outputs such as logits).
+    thread_aux: pass the first pass's ``aux`` to the second pass in place of
+      the first loss_arg (mutable state, e.g. BatchNorm statistics, updated by
+      both passes in turn). Needs ``has_aux`` and a loss_arg.
+    split: ``"vmap"`` (parts side by side), ``"scan"`` (one after another:
+      gradient accumulation with the activations of one part) or
+      ``"unroll"`` (``m`` copies of one part's graph in one program: on
+      XLA:CPU a small CNN's m=8 step runs 1.5-1.8x faster than with vmap's
+      grouped convolutions, at ~3x the compile time). All give the same
+      result up to floating-point rounding.
+    donate: donate ``params`` and ``opt_state`` to the compiled step.
+  """
+
+  m: int = 1
+  axis_name: str | None = None
+  mesh: Mesh | None = None
+  has_aux: bool = False
+  aux_from: Literal["first", "second"] = "second"
+  aux_reduce: Literal["mean", "concat"] = "mean"
+  thread_aux: bool = False
+  split: Literal["vmap", "scan", "unroll"] = "vmap"
+  donate: bool = False
+
+  def __post_init__(self):
+    check_count("m", self.m)
+    if self.aux_from not in ("first", "second"):
+      raise ValueError(f"aux_from must be 'first' or 'second', got {self.aux_from!r}")
+    if self.aux_reduce not in ("mean", "concat"):
+      raise ValueError(f"aux_reduce must be 'mean' or 'concat', got {self.aux_reduce!r}")
+    for name in ("has_aux", "thread_aux", "donate"):
+      _check_flag(name, getattr(self, name))
+    if self.thread_aux and not self.has_aux:
+      raise ValueError("thread_aux=True needs has_aux=True: the first pass's aux becomes the second pass's loss_arg")
+    if self.split not in ("vmap", "scan", "unroll"):
+      raise ValueError(f"split must be 'vmap', 'scan' or 'unroll', got {self.split!r}")
+    if self.axis_name is not None and not isinstance(self.axis_name, str):
+      raise TypeError(f"axis_name must be a str or None, got {self.axis_name!r}")
+    if self.mesh is not None:
+      if not isinstance(self.mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+      if self.axis_name is None:
+        raise ValueError("mesh= needs axis_name=, the mesh axis the batch is sharded along")
+      if self.axis_name not in self.mesh.axis_names:
+        raise ValueError(f"axis_name={self.axis_name!r} is not an axis of the mesh {self.mesh.axis_names}")
 
 
 def _batch_size(batch) -> int:
@@ -53,7 +175,10 @@ def _batch_size(batch) -> int:
     raise ValueError("batch must contain at least one array")
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
   if None in sizes:
-    raise ValueError("every leaf of batch needs a leading batch axis; found a scalar")
+    raise ValueError(
+      "every leaf of batch needs a leading batch axis; found a scalar (is the batch passed as the "
+      "third argument and the key as the fourth: step(params, opt_state, batch, key)?)"
+    )
   if len(sizes) != 1:
     raise ValueError(f"all leaves of batch must share the leading batch size, got sizes {sorted(sizes)}")
   return sizes.pop()
@@ -79,23 +204,29 @@ def _part_offset(axis_name: str | None, m: int):
     ) from err
 
 
-def _mean_over_leading_axis(x):
-  # A pairwise sum of slices, not jnp.mean(x, axis=0): XLA:CPU lowers a reduce
-  # over the leading axis of a (m, ...) array to a slow reduction kernel (28 ms
-  # vs 0.3 ms for m=8 and a 784x500 leaf, see benchmarks/results/cost.md),
-  # while slices and adds fuse into one elementwise loop on every backend.
-  # Low-precision leaves are summed in float32, as jnp.mean does.
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    return jnp.mean(x, axis=0)
-  m = x.shape[0]
-  total = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  while total.shape[0] > 1:
-    half = total.shape[0] // 2
-    pairs = total[:half] + total[half : 2 * half]
-    if total.shape[0] % 2:
-      pairs = jnp.concatenate([pairs[:1] + total[2 * half :], pairs[1:]])
+def _pairwise_mean(xs):
+  """The mean of a list of arrays, summed pairwise in float32 at least.
+
+  Used instead of ``jnp.mean(x, axis=0)`` over a stacked ``(m, ...)`` array:
+  XLA:CPU lowers a reduce over the leading axis to a slow reduction kernel
+  (28 ms vs 0.3 ms for m=8 and a 784x500 leaf, benchmarks/results/cost.md),
+  while slices and adds fuse into one elementwise loop on every backend.
+  """
+  dtype = jnp.result_type(xs[0])
+  if not jnp.issubdtype(dtype, jnp.floating):
+    return jnp.mean(jnp.stack(xs), axis=0)
+  total = [x.astype(jnp.promote_types(dtype, jnp.float32)) for x in xs]
+  while len(total) > 1:
+    half = len(total) // 2
+    pairs = [a + b for a, b in zip(total[:half], total[half : 2 * half], strict=True)]
+    if len(total) % 2:
+      pairs[0] = pairs[0] + total[-1]
     total = pairs
-  return (total[0] / m).astype(x.dtype)
+  return (total[0] / len(xs)).astype(dtype)
+
+
+def _mean_over_leading_axis(x):
+  return _pairwise_mean([x[i] for i in range(x.shape[0])])
 
 
 def _as_varying(tree, axis_name: str | None):
@@ -118,49 +249,32 @@ def _as_varying(tree, axis_name: str | None):
   return jax.tree.map(cast, tree)
 
 
-def _mean_over_parts(tree):
-  return jax.tree.map(_mean_over_leading_axis, tree)
-
-
-def _mean_of_list(*xs):
-  # _mean_over_leading_axis for m separate arrays, pairing them in the same order.
-  dtype = jnp.result_type(xs[0])
-  if not jnp.issubdtype(dtype, jnp.floating):
-    return jnp.mean(jnp.stack(xs), axis=0)
-  total = [x.astype(jnp.promote_types(dtype, jnp.float32)) for x in xs]
-  while len(total) > 1:
-    half = len(total) // 2
-    pairs = [a + b for a, b in zip(total[:half], total[half : 2 * half], strict=True)]
-    if len(total) % 2:
-      pairs[0] = pairs[0] + total[-1]
-    total = pairs
-  return (total[0] / len(xs)).astype(dtype)
-
-
-def _check_options(loss_fn, aux_from, thread_aux, has_aux, split, m) -> None:
-  _check_m(m)
+def _check_loss_fn(loss_fn) -> None:
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-  if aux_from not in ("first", "second"):
-    raise ValueError(f"aux_from must be 'first' or 'second', got {aux_from!r}")
-  if thread_aux and not has_aux:
-    raise ValueError("thread_aux=True needs has_aux=True: the first pass's aux becomes the second pass's loss_args[0]")
-  if split not in ("vmap", "scan", "unroll"):
-    raise ValueError(f"split must be 'vmap', 'scan' or 'unroll', got {split!r}")
 
 
-def _check_mesh(mesh: Mesh, axis_name: str | None) -> None:
-  if axis_name is None:
-    raise ValueError("mesh= needs axis_name=, the mesh axis the batch is sharded along")
-  if axis_name not in mesh.axis_names:
-    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+def _check_rule(rule) -> None:
+  if not isinstance(rule, PerturbationRule):
+    raise TypeError(
+      f"rule must be a bsam_optax.PerturbationRule (e.g. bo.bsam_rule(), bo.sam_rule(rho=0.05)), "
+      f"got {type(rule).__name__}"
+    )
 
 
-def _on_mesh(fn, mesh: Mesh, axis_name: str, m: int, donate_argnums=()):
-  """``jax.jit(jax.shard_map(fn))``: the batch (3rd argument) sharded along ``axis_name``, all else replicated."""
-  _check_mesh(mesh, axis_name)
+def _concat_parts(x):
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _on_mesh(fn, options: StepOptions, with_state: bool):
+  """``jax.jit(jax.shard_map(fn))``: the batch (3rd argument) sharded along the axis, all else replicated.
+
+  ``fn`` returns ``(a, b, StepInfo)``; the aux in it is sharded along the axis under ``aux_reduce="concat"``.
+  """
+  mesh, axis_name, m = options.mesh, options.axis_name, options.m
   num_devices = mesh.shape[axis_name]
   replicated = PartitionSpec()
+  donate_argnums = (0, 1) if options.donate and with_state else ()
 
   @functools.partial(jax.jit, donate_argnums=donate_argnums)
   def sharded(params, opt_state, batch, key, *loss_args):
@@ -171,54 +285,58 @@ def _on_mesh(fn, mesh: Mesh, axis_name: str, m: int, donate_argnums=()):
         f"mesh axis {axis_name!r} x m={m} = {num_devices * m}"
       )
     in_specs = (replicated, replicated, PartitionSpec(axis_name), replicated) + (replicated,) * len(loss_args)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=replicated)(
+    aux_spec = PartitionSpec(axis_name) if options.aux_reduce == "concat" else replicated
+    out_specs = (replicated, replicated, StepInfo(replicated, replicated, aux_spec))
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
       params, opt_state, batch, key, *loss_args
     )
 
   return sharded
 
 
-def perturbation_gradients(
-  loss_fn: LossFn,
-  first_point: FirstPoint | None,
-  second_point: SecondPoint | None,
-  *,
-  m: int = 1,
-  axis_name: str | None = None,
-  mesh: Mesh | None = None,
-  has_aux: bool = False,
-  aux_from: Literal["first", "second"] = "second",
-  thread_aux: bool = False,
-  noisy_grads: bool = False,
-  split: Literal["vmap", "scan", "unroll"] = "vmap",
-  loss_names: tuple[str, str] = ("loss", "second_loss"),
-):
-  """The gradients of :func:`make_perturbation_step`, averaged over parts and devices, without the update.
+def perturbation_gradients(loss_fn: LossFn, rule: PerturbationRule, **options):
+  """The averaged gradients and update arguments of a rule's step, without the update.
 
   For training loops that apply the update themselves (e.g. ``nnx.Optimizer``).
-  The arguments are those of :func:`make_perturbation_step`.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *loss_args) -> loss`` (a mean over the
+      batch), or ``-> (loss, aux)`` with ``has_aux=True``.
+    rule: the method's :class:`PerturbationRule`.
+    **options: the fields of :class:`StepOptions` except ``donate``.
 
   Returns:
-    ``gradients(params, opt_state, batch, key, *loss_args) -> result``, a dict
-    with the two mean losses (``loss_names``), ``"grads"`` (the mean second
-    gradient), ``"abs_grads"`` (the mean ``|g_i|``, with ``noisy_grads``) and
-    ``"aux"`` (with ``has_aux``). With ``mesh`` it is a jitted
-    ``jax.shard_map`` over the global batch; otherwise a plain function (for
-    ``jax.pmap`` when ``axis_name`` is given).
+    ``gradients(params, opt_state, batch, key, *loss_args) -> (grads,
+    update_args, info)``: the mean second gradient, the mean of the rule's
+    ``update_args`` (a dict, the extra arguments of ``tx.update``) and a
+    :class:`StepInfo`. With ``mesh`` a jitted ``jax.shard_map`` over the
+    global batch; otherwise a plain function (for ``jax.pmap`` when
+    ``axis_name`` is given).
 
-  Example (bSAM's gradients; ``tx.update(out["grads"], state, params,
-  noisy_grads=out["abs_grads"])`` would complete the step):
+  Example (bSAM's gradients; ``tx.update(grads, state, params, **args)``
+  would complete the step):
 
     >>> import jax, jax.numpy as jnp, bsam_optax as bo
     >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
     >>> params = {"w": jnp.zeros(3)}
     >>> state = bo.bsam(1e-2, n_data=8).init(params)
-    >>> gradients = bo.perturbation_gradients(loss_fn, bo.noisy_params, bo.perturbed_params, m=2, noisy_grads=True)
-    >>> out = gradients(params, state, {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}, jax.random.key(0))
-    >>> sorted(out)
-    ['abs_grads', 'grads', 'loss', 'second_loss']
+    >>> gradients = bo.perturbation_gradients(loss_fn, bo.bsam_rule(), m=2)
+    >>> grads, args, info = gradients(params, state, {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}, jax.random.key(0))
+    >>> sorted(args)
+    ['noisy_grads']
   """
-  _check_options(loss_fn, aux_from, thread_aux, has_aux, split, m)
+  if "donate" in options:
+    raise TypeError(
+      "perturbation_gradients takes no donate= (it does not own the buffers); make_perturbation_step does"
+    )
+  return _gradients(loss_fn, rule, StepOptions(**options))
+
+
+def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
+  _check_loss_fn(loss_fn)
+  _check_rule(rule)
+  m, axis_name, has_aux, split = options.m, options.axis_name, options.has_aux, options.split
+  concat = options.aux_reduce == "concat"
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def evaluate(x, part, loss_args):
@@ -230,247 +348,128 @@ def perturbation_gradients(
     return loss, aux, grads
 
   def one_part(params, opt_state, key, index, part, loss_args):
-    x = params if first_point is None else first_point(jax.random.fold_in(key, index), params, opt_state)
+    if rule.first_point is None:
+      x = params
+    else:
+      x = rule.first_point(jax.random.fold_in(key, index), params, opt_state)
     loss, aux, g = evaluate(x, part, loss_args)
-    if second_point is None:
+    if rule.second_point is None:
       second_loss, second_aux, g_second = loss, aux, g
     else:
-      y = second_point(params, opt_state, g)
-      second_args = (aux,) + tuple(loss_args[1:]) if thread_aux else loss_args
+      y = rule.second_point(params, opt_state, g)
+      second_args = (aux,) + tuple(loss_args[1:]) if options.thread_aux else loss_args
       second_loss, second_aux, g_second = evaluate(y, part, second_args)
-    result = {loss_names[0]: loss, loss_names[1]: second_loss, "grads": g_second}
-    if noisy_grads:
-      result["abs_grads"] = jax.tree.map(jnp.abs, g)
-    if has_aux:
-      result["aux"] = aux if aux_from == "first" else second_aux
-    return result
+    args = {} if rule.update_args is None else dict(rule.update_args(params, opt_state, x, g))
+    aux = aux if options.aux_from == "first" else second_aux
+    return {"loss": loss, "second_loss": second_loss, "grads": g_second, "args": args}, aux
 
   def gradients(params, opt_state, batch, key, *loss_args):
-    if thread_aux and not loss_args:
+    if options.thread_aux and not loss_args:
       raise ValueError("thread_aux=True needs a loss_arg to thread (the step's first loss_arg, e.g. batch_stats)")
     offset = _part_offset(axis_name, m)
     parts = _split(batch, m)
+    part_at = lambda i: jax.tree.map(lambda x: x[i], parts)  # noqa: E731
     if m == 1:
-      one = jax.tree.map(lambda x: x[0], parts)
-      result = one_part(params, opt_state, key, offset, one, loss_args)
+      result, aux = one_part(params, opt_state, key, offset, part_at(0), loss_args)
     elif split == "vmap":
-      indices = offset + jnp.arange(m)
-      result = jax.vmap(one_part, in_axes=(None, None, None, 0, 0, None))(
-        params, opt_state, key, indices, parts, loss_args
+      result, aux = jax.vmap(one_part, in_axes=(None, None, None, 0, 0, None))(
+        params, opt_state, key, offset + jnp.arange(m), parts, loss_args
       )
-      result = _mean_over_parts(result)
+      result = jax.tree.map(_mean_over_leading_axis, result)
+      aux = jax.tree.map(_concat_parts if concat else _mean_over_leading_axis, aux)
     elif split == "unroll":
-      results = [
-        one_part(params, opt_state, key, offset + i, jax.tree.map(lambda x, i=i: x[i], parts), loss_args)
-        for i in range(m)
-      ]
-      result = jax.tree.map(_mean_of_list, *results)
+      outs = [one_part(params, opt_state, key, offset + i, part_at(i), loss_args) for i in range(m)]
+      results, auxs = [r for r, _ in outs], [a for _, a in outs]
+      result = jax.tree.map(lambda *xs: _pairwise_mean(list(xs)), *results)
+      aux = jax.tree.map((lambda *xs: jnp.concatenate(xs)) if concat else (lambda *xs: _pairwise_mean(list(xs))), *auxs)
     else:
+      first = jax.eval_shape(lambda: one_part(params, opt_state, key, offset, part_at(0), loss_args))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), first)
 
       def body(total, xs):
         index, part = xs
-        r = one_part(params, opt_state, key, index, part, loss_args)
-        return jax.tree.map(lambda t, v: t + v / m, total, r), None
+        r, a = one_part(params, opt_state, key, index, part, loss_args)
+        r_total, a_total = total
+        r_total = jax.tree.map(lambda t, v: t + v / m, r_total, r)
+        if concat:
+          return (r_total, a_total), a
+        return (r_total, jax.tree.map(lambda t, v: t + v / m, a_total, a)), None
 
-      init = jax.eval_shape(
-        lambda: one_part(params, opt_state, key, offset, jax.tree.map(lambda x: x[0], parts), loss_args)
+      (result, aux_mean), aux_parts = jax.lax.scan(body, zeros, (offset + jnp.arange(m), parts))
+      dtypes = jax.tree.map(lambda s: s.dtype, first)
+      result = jax.tree.map(lambda x, d: x.astype(d), result, dtypes[0])
+      aux = (
+        jax.tree.map(_concat_parts, aux_parts)
+        if concat
+        else jax.tree.map(lambda x, d: x.astype(d), aux_mean, dtypes[1])
       )
-      init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), init)
-      result, _ = jax.lax.scan(body, init, (offset + jnp.arange(m), parts))
     if axis_name is not None:
       result = jax.lax.pmean(result, axis_name)
-    return result
+      if not concat:
+        aux = jax.lax.pmean(aux, axis_name)
+    info = StepInfo(result["loss"], result["second_loss"], aux if has_aux else None)
+    return result["grads"], result["args"], info
 
-  return gradients if mesh is None else _on_mesh(gradients, mesh, axis_name, m)
+  if options.mesh is None:
+    return gradients
+  return _on_mesh(gradients, options, with_state=False)
 
 
-def make_perturbation_step(
-  loss_fn: LossFn,
-  tx: optax.GradientTransformation,
-  first_point: FirstPoint | None,
-  second_point: SecondPoint | None,
-  *,
-  m: int = 1,
-  axis_name: str | None = None,
-  mesh: Mesh | None = None,
-  has_aux: bool = False,
-  aux_from: Literal["first", "second"] = "second",
-  thread_aux: bool = False,
-  noisy_grads: bool = False,
-  split: Literal["vmap", "scan", "unroll"] = "vmap",
-  donate: bool = False,
-  loss_names: tuple[str, str] = ("loss", "second_loss"),
-):
-  """Builds a compiled "two gradients, one update" step with m-sharpness.
+def make_perturbation_step(loss_fn: LossFn, tx: optax.GradientTransformation, rule: PerturbationRule, **options):
+  """Builds the compiled step of a :class:`PerturbationRule` with m-sharpness, on one device or many.
 
-  Per part ``i`` (key ``fold_in(key, part_index)``)::
+  Per part ``i`` of the batch (key ``fold_in(key, part_index)``)::
 
-    x_i  = first_point(key_i, params, opt_state)    # identity if None
+    x_i  = rule.first_point(key_i, params, opt_state)    # params if None
     g_i  = ∇ loss_fn(x_i, part_i)
-    y_i  = second_point(params, opt_state, g_i)     # skipped if None (y_i = x_i)
+    y_i  = rule.second_point(params, opt_state, g_i)     # skipped if None (gy_i = g_i)
     gy_i = ∇ loss_fn(y_i, part_i)
 
-  then ``tx.update(mean_i gy_i, opt_state, params[, noisy_grads=mean_i |g_i|])``.
-
-  Args:
-    loss_fn: ``loss_fn(params, batch, *loss_args) -> loss`` (a mean over the
-      batch), or ``-> (loss, aux)`` with ``has_aux=True``.
-    tx: the optax transformation applied to the averaged second gradients.
-    first_point: rule for the first gradient's point, or None for ``params``.
-    second_point: rule for the second gradient's point, or None for a
-      one-gradient method.
-    m: number of parts per device the batch is split into.
-    axis_name: the device axis for ``jax.pmap`` / ``jax.shard_map``.
-    mesh: if given, return the step already wrapped in ``jax.shard_map`` over
-      ``mesh`` (batch sharded along ``axis_name``, everything else replicated)
-      and jitted.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    aux_from: which gradient's pass provides ``aux`` ("first" or "second").
-      ``aux`` is averaged over parts and devices (e.g. BatchNorm statistics).
-    thread_aux: pass the first pass's ``aux`` to the second pass in place of
-      the first of ``loss_args`` (mutable state, such as BatchNorm
-      statistics, updated by both passes in turn). Needs ``has_aux`` and at
-      least one loss_arg.
-    noisy_grads: pass ``mean_i |g_i|`` to ``tx.update`` as ``noisy_grads=``.
-    split: evaluate the m parts side by side (``"vmap"``), one after the
-      other (``"scan"``: gradient accumulation, the memory of one part), or as
-      ``m`` copies of the per-part graph in one program (``"unroll"``: each
-      part's layers are ordinary ops rather than ops batched over per-part
-      weights; on XLA:CPU a small CNN's m=8 step then runs 1.5-1.8x faster
-      than with vmap's grouped convolutions, at ~3x the compile time).
-      All give the same result up to floating-point rounding.
-    donate: donate ``params`` and ``opt_state`` to the compiled step.
-    loss_names: the keys of ``out`` for the mean loss at the first and at the
-      second points.
-
-  Returns:
-    ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state,
-    out)`` where ``out`` has the two mean losses (see ``loss_names``) and
-    ``aux`` if ``has_aux``. Jitted unless ``axis_name`` is given without ``mesh`` (then it
-    is meant to be wrapped in ``jax.pmap`` by the caller).
-  """
-  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-    raise TypeError(f"tx must be an optax.GradientTransformation (or MultiSteps), got {type(tx).__name__}")
-  gradients = perturbation_gradients(
-    loss_fn,
-    first_point,
-    second_point,
-    m=m,
-    axis_name=axis_name,
-    has_aux=has_aux,
-    aux_from=aux_from,
-    thread_aux=thread_aux,
-    noisy_grads=noisy_grads,
-    split=split,
-    loss_names=loss_names,
-  )
-
-  def local_step(params, opt_state, batch, key, *loss_args):
-    result = gradients(params, opt_state, batch, key, *loss_args)
-    extra = {"noisy_grads": result.pop("abs_grads")} if noisy_grads else {}
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), result.pop("grads"), params)
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, result
-
-  donate_argnums = (0, 1) if donate else ()
-  if mesh is None:
-    if axis_name is not None:
-      return local_step
-    return jax.jit(local_step, donate_argnums=donate_argnums)
-  return _on_mesh(local_step, mesh, axis_name, m, donate_argnums)
-
-
-def _bsam_rules(aux_from: Literal["noisy", "perturbed"] = "perturbed") -> dict:
-  """The arguments that make :func:`make_perturbation_step` (or :func:`perturbation_gradients`) bSAM.
-
-  ``aux_from`` in bSAM's names for the passes ("noisy" at θ, "perturbed" at
-  ω + ε), translated to the machinery's ("first", "second").
-  """
-  if aux_from not in ("noisy", "perturbed"):
-    raise ValueError(f"aux_from must be 'noisy' or 'perturbed', got {aux_from!r}")
-  return dict(
-    first_point=_bsam.noisy_params,
-    second_point=_bsam.perturbed_params,
-    aux_from="first" if aux_from == "noisy" else "second",
-    noisy_grads=True,
-    loss_names=("loss", "perturbed_loss"),
-  )
-
-
-def bsam_step(
-  loss_fn: LossFn,
-  tx: optax.GradientTransformation,
-  m: int = 1,
-  axis_name: str | None = None,
-  *,
-  mesh: Mesh | None = None,
-  has_aux: bool = False,
-  aux_from: Literal["noisy", "perturbed"] = "perturbed",
-  thread_aux: bool = False,
-  split: Literal["vmap", "scan", "unroll"] = "vmap",
-  donate: bool = False,
-):
-  """The fused, compiled bSAM step with m-sharpness.
-
-  For each of the ``m`` parts of the batch (and of every device)::
-
-    θ_i   = noisy_params(fold_in(key, i), ω, state)     # θ_i ~ N(ω, 1/(N s))
-    g_i   = ∇ loss_fn(θ_i, part_i)
-    g_ε,i = ∇ loss_fn(ω + ρ g_i / s, part_i)
-
-  then ``tx.update(mean_i g_ε,i, state, ω, noisy_grads=mean_i |g_i|)``, which
-  for :func:`~bsam_optax.bsam` makes the scale update use the mean over parts
-  of ``√s |g_i|``. ``tx`` may be any optax pipeline containing one ``bsam``
-  (``optax.chain`` with clipping, ``inject_hyperparams``, ``MultiSteps``).
+  then ``tx.update(mean_i gy_i, opt_state, params, **mean_i
+  rule.update_args(params, opt_state, x_i, g_i))`` and
+  ``optax.apply_updates``. Every method's ``*_step`` is this builder with its
+  rule (``bo.bsam_step(loss_fn, tx)`` is ``make_perturbation_step(loss_fn,
+  tx, bo.bsam_rule())``).
 
   Args:
     loss_fn: ``loss_fn(params, batch, *loss_args) -> loss`` (a mean over the
       batch), or ``-> (loss, aux)`` with ``has_aux=True``. ``loss_args`` are
       passed unsplit to every part (e.g. BatchNorm statistics).
-    tx: an optax transformation containing :func:`~bsam_optax.bsam`.
-    m: the number of m-sharpness parts (per device).
-    axis_name: the device axis; the returned step is then meant for
-      ``jax.pmap(step, axis_name=axis_name)`` with params, state and key
-      replicated and the batch sharded, unless ``mesh`` is given.
-    mesh: a ``jax.sharding.Mesh``; returns a jitted ``jax.shard_map`` step over
-      it that takes the *global* batch, sharded along ``axis_name``.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    aux_from: which pass's ``aux`` to return, averaged over parts and devices:
-      ``"noisy"`` (at θ) or ``"perturbed"`` (at ω + ε).
-    thread_aux: feed the noisy pass's ``aux`` to the perturbed pass as its
-      first loss_arg, so that mutable state (BatchNorm statistics) is updated
-      by both passes in turn, as in the authors' code.
-    split: ``"vmap"`` (parts side by side), ``"scan"`` (one after another:
-      gradient accumulation with the peak memory of one part) or
-      ``"unroll"`` (``m`` copies of the part's graph; faster for CNNs on CPU,
-      slower to compile); see :func:`make_perturbation_step`.
-    donate: donate ``params`` and ``opt_state`` buffers to the step.
+    tx: the optax transformation applied to the averaged second gradients.
+    rule: the method's :class:`PerturbationRule`.
+    **options: the fields of :class:`StepOptions`: ``m``, ``axis_name``,
+      ``mesh``, ``has_aux``, ``aux_from``, ``aux_reduce``, ``thread_aux``,
+      ``split``, ``donate``.
 
   Returns:
     ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state,
-    out)``; ``out["loss"]`` is the mean loss at the noisy samples θ_i,
-    ``out["perturbed_loss"]`` at ω + ε_i, ``out["aux"]`` the averaged aux.
+    info)`` with ``info`` a :class:`StepInfo`. Jitted unless ``axis_name`` is
+    given without ``mesh`` (then it is meant for ``jax.pmap``).
 
-  Example:
-    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+  Example (plain gradient descent is the empty rule):
+
+    >>> import jax, jax.numpy as jnp, optax, bsam_optax as bo
     >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
-    >>> params = {"w": jnp.zeros(3)}
+    >>> params, tx = {"w": jnp.zeros(3)}, optax.sgd(0.1)
+    >>> step = bo.make_perturbation_step(loss_fn, tx, bo.PerturbationRule(), m=2)
     >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}
-    >>> tx = bo.bsam(1e-2, n_data=8)
-    >>> state = tx.init(params)
-    >>> step = bo.bsam_step(loss_fn, tx, m=2)
-    >>> params, state, out = step(params, state, batch, jax.random.key(0))
+    >>> params, state, info = step(params, tx.init(params), batch, jax.random.key(0))
+    >>> float(info.loss)
+    1.0
   """
-  return make_perturbation_step(
-    loss_fn,
-    tx,
-    m=m,
-    axis_name=axis_name,
-    mesh=mesh,
-    has_aux=has_aux,
-    thread_aux=thread_aux,
-    split=split,
-    donate=donate,
-    **_bsam_rules(aux_from),
-  )
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(f"tx must be an optax.GradientTransformation (or MultiSteps), got {type(tx).__name__}")
+  options = StepOptions(**options)
+  gradients = _gradients(loss_fn, rule, dataclasses.replace(options, mesh=None))
+
+  def local_step(params, opt_state, batch, key, *loss_args):
+    grads, args, info = gradients(params, opt_state, batch, key, *loss_args)
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **args)
+    return optax.apply_updates(params, updates), opt_state, info
+
+  if options.mesh is not None:
+    return _on_mesh(local_step, options, with_state=True)
+  if options.axis_name is not None:
+    return local_step
+  return jax.jit(local_step, donate_argnums=(0, 1) if options.donate else ())

@@ -13,17 +13,17 @@ normalizes with the statistics of the current batch, so the gradients do not
 depend on the choice; only the running averages used at evaluation do.
 ``bn_update`` picks which passes update them:
 
-- ``"both"`` (default, **the authors' behaviour**): the noisy pass updates the
+- ``"both"`` (default, **the authors' behaviour**): the first (noisy) pass updates the
   running averages, and the perturbed pass updates them again starting from
   the noisy pass's result, so the moving average takes two steps per bSAM
   step (first with the batch statistics at θ, then at ω + ε). This is what
   ``build_bsam_optimizer`` in the authors' JAX code (team-approx-bayes/
   bayesian-sam, ``optim.py``) does: it threads haiku's ``netstate`` from the
   noisy call into the perturbed call and keeps the perturbed call's output.
-- ``"perturbed"``: only the perturbed pass at ω + ε, whose gradient moves ω,
-  updates the running averages (one moving-average step per bSAM step, from
-  the statistics at ω + ε).
-- ``"noisy"``: only the noisy pass at θ updates them.
+- ``"second"`` (alias ``"perturbed"``): only the second pass at ω + ε, whose
+  gradient moves ω, updates the running averages (one moving-average step per
+  bSAM step, from the statistics at ω + ε).
+- ``"first"`` (alias ``"noisy"``): only the first pass at θ updates them.
 - ``"none"``: the running averages are left unchanged (re-estimate them
   yourself, e.g. with a forward pass at ω over some training batches).
 
@@ -50,27 +50,23 @@ from flax import nnx
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from bsam_optax import _bsam
-from bsam_optax import _step
+import bsam_optax as bo
 
 __all__ = ["TrainState", "make_nnx_train_step", "make_train_step"]
 
-BNUpdate = Literal["both", "perturbed", "noisy", "none"]
-_BN_UPDATES = ("both", "perturbed", "noisy", "none")
+BNUpdate = Literal["both", "second", "first", "none", "perturbed", "noisy"]
+_BN_UPDATES = ("both", "second", "first", "none", "perturbed", "noisy")
 
 
-def _check_bn_update(bn_update) -> None:
+def _bn_options(bn_update: BNUpdate) -> dict:
+  """The aux options of the step machinery that implement a ``bn_update`` policy."""
   if bn_update not in _BN_UPDATES:
-    raise ValueError(f"bn_update must be one of {_BN_UPDATES}, got {bn_update!r}")
-
-
-def _bsam_step_kwargs(bn_update: BNUpdate) -> dict:
-  """The aux options of :func:`bsam_step` that implement a ``bn_update`` policy."""
+    raise ValueError(f"bn_update must be one of {_BN_UPDATES[:4]}, got {bn_update!r}")
   if bn_update == "none":
     return dict(has_aux=False)
   return dict(
     has_aux=True,
-    aux_from="noisy" if bn_update == "noisy" else "perturbed",
+    aux_from="first" if bn_update in ("first", "noisy") else "second",
     thread_aux=bn_update == "both",
   )
 
@@ -120,15 +116,15 @@ class TrainState(train_state.TrainState):
 
   def noisy_params(self, key: jax.Array):
     """θ ~ N(ω, 1 / (N s)); see :func:`bsam_optax.noisy_params`."""
-    return _bsam.noisy_params(key, self.params, self.opt_state)
+    return bo.noisy_params(key, self.params, self.opt_state)
 
   def perturbed_params(self, noisy_grads):
     """ω + ρ g / s; see :func:`bsam_optax.perturbed_params`."""
-    return _bsam.perturbed_params(self.params, self.opt_state, noisy_grads)
+    return bo.perturbed_params(self.params, self.opt_state, noisy_grads)
 
   def posterior(self):
     """``(mean, std)`` of the learned posterior; see :func:`bsam_optax.posterior`."""
-    return _bsam.posterior(self.params, self.opt_state)
+    return bo.posterior(self.params, self.opt_state)
 
 
 def make_train_step(
@@ -162,7 +158,7 @@ def make_train_step(
       batch sharded) unless ``mesh`` is given.
     mesh: a ``jax.sharding.Mesh`` to run the step with ``jax.shard_map``.
     bn_update: which forward passes update the BatchNorm running averages:
-      ``"both"`` (the authors' behaviour), ``"perturbed"``, ``"noisy"`` or
+      ``"both"`` (the authors' behaviour), ``"second"``, ``"first"`` or
       ``"none"``; see :mod:`bsam_optax.flax`.
     apply_kwargs: keyword arguments for every training-mode call of the
       model, e.g. ``{"train": True}``.
@@ -171,8 +167,9 @@ def make_train_step(
     donate: donate the state's buffers to the compiled step.
 
   Returns:
-    ``step(state, batch, key) -> (state, out)`` with ``out["loss"]`` (mean
-    loss at the noisy samples) and ``out["perturbed_loss"]`` (at ω + ε).
+    ``step(state, batch, key) -> (state, info)`` with ``info`` a
+    :class:`~bsam_optax.StepInfo`: ``info.loss`` (mean loss at the noisy
+    samples) and ``info.second_loss`` (at ω + ε).
     Jitted unless ``axis_name`` is given without ``mesh``.
 
   Example:
@@ -191,12 +188,12 @@ def make_train_step(
     >>> step = make_train_step(loss, m=2, apply_kwargs={"train": True})
     >>> state, out = step(state, (x, y), jax.random.key(1))
   """
-  _check_bn_update(bn_update)
+  bn_options = _bn_options(bn_update)
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
   if not callable(inputs_fn):
     raise TypeError(f"inputs_fn must be callable, got {type(inputs_fn).__name__}")
-  _step._check_m(m)
+  bo.StepOptions(m=m, axis_name=axis_name, mesh=mesh, split=split, donate=donate, **bn_options)
   apply_kwargs = dict(apply_kwargs or {})
 
   def step(state: TrainState, batch, key: jax.Array):
@@ -214,12 +211,12 @@ def make_train_step(
         value = loss_fn(outputs, part)
         return value if bn_update == "none" else (value, mutated["batch_stats"])
 
-      options, loss_args = _bsam_step_kwargs(bn_update), (state.batch_stats,)
-    inner = _step.bsam_step(loss, state.tx, m, axis_name, mesh=mesh, split=split, **options)
-    params, opt_state, out = inner(state.params, state.opt_state, batch, key, *loss_args)
-    batch_stats = out.pop("aux", state.batch_stats)
+      options, loss_args = bn_options, (state.batch_stats,)
+    inner = bo.bsam_step(loss, state.tx, m, axis_name, mesh=mesh, split=split, **options)
+    params, opt_state, info = inner(state.params, state.opt_state, batch, key, *loss_args)
+    batch_stats = state.batch_stats if info.aux is None else info.aux
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
-    return new_state, out
+    return new_state, info._replace(aux=None)
 
   if axis_name is not None and mesh is None:
     return step
@@ -265,15 +262,16 @@ def make_nnx_train_step(
     mesh: a ``jax.sharding.Mesh``: the step takes the global batch, sharded
       along ``axis_name``, and evaluates ``m`` parts on every device with
       ``jax.shard_map`` (D devices with ``m=1`` give ``m=D`` on one device).
-    bn_update: ``"both"`` (the authors' behaviour), ``"perturbed"``,
-      ``"noisy"`` or ``"none"``.
+    bn_update: ``"both"`` (the authors' behaviour), ``"second"``,
+      ``"first"`` or ``"none"``.
     split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
       :func:`bsam_optax.bsam_step`).
     jit: wrap the step in ``nnx.jit``.
 
   Returns:
-    ``step(model, optimizer, batch, key) -> out``, updating ``model`` and
-    ``optimizer`` in place; ``out`` has ``"loss"`` and ``"perturbed_loss"``.
+    ``step(model, optimizer, batch, key) -> info``, updating ``model`` and
+    ``optimizer`` in place; ``info`` is a :class:`~bsam_optax.StepInfo`
+    (``info.loss``, ``info.second_loss``).
 
   Example:
     >>> import jax, jax.numpy as jnp, bsam_optax as bo
@@ -285,14 +283,13 @@ def make_nnx_train_step(
     >>> step = make_nnx_train_step(lambda mdl, b: jnp.mean((mdl(b["x"]) - b["y"]) ** 2), m=2)
     >>> out = step(model, optimizer, batch, jax.random.key(0))
   """
-  _check_bn_update(bn_update)
+  options = _bn_options(bn_update)
   if axis_name is not None and mesh is None:
     raise ValueError("axis_name= needs mesh=: the NNX step runs on several devices through jax.shard_map over a mesh")
-  options = _bsam_step_kwargs(bn_update)
-  rules = _step._bsam_rules(options.pop("aux_from", "perturbed"))
-  _step._check_options(loss_fn, rules["aux_from"], options.get("thread_aux", False), options["has_aux"], split, m)
-  if mesh is not None:
-    _step._check_mesh(mesh, axis_name)
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+  options = dict(options, m=m, axis_name=axis_name, mesh=mesh, split=split)
+  bo.StepOptions(**options)
 
   def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
     graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)
@@ -306,12 +303,12 @@ def make_nnx_train_step(
       value = loss_fn(model, part)
       return value if bn_update == "none" else (value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
-    gradients = _step.perturbation_gradients(loss, m=m, axis_name=axis_name, mesh=mesh, split=split, **options, **rules)
-    result = gradients(params, opt_state, batch, key, stats)
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), result.pop("grads"), params)
-    optimizer.update(model, _as_variables(param_vars, grads), noisy_grads=result.pop("abs_grads"))
-    if "aux" in result:
-      nnx.update(model, result.pop("aux"))
-    return result
+    gradients = bo.perturbation_gradients(loss, bo.bsam_rule(), **options)
+    grads, args, info = gradients(params, opt_state, batch, key, stats)
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+    optimizer.update(model, _as_variables(param_vars, grads), **args)
+    if info.aux is not None:
+      nnx.update(model, info.aux)
+    return info._replace(aux=None)
 
   return nnx.jit(step) if jit else step

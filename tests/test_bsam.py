@@ -47,9 +47,9 @@ def test_update_matches_independent_restatement_over_steps():
       )  # fmt: skip
   for k, (w, gm, s) in ref.items():
     np.testing.assert_allclose(params[k], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.momentum[k], gm, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.scale[k], s, rtol=1e-5, atol=1e-6)
-  assert int(state.count) == 5
+    np.testing.assert_allclose(bo.find_bsam_state(state).momentum[k], gm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bo.find_bsam_state(state).scale[k], s, rtol=1e-5, atol=1e-6)
+  assert int(bo.find_bsam_state(state).count) == 5
 
 
 def test_update_uses_schedule_at_count():
@@ -61,19 +61,22 @@ def test_update_uses_schedule_at_count():
   for step in range(3):
     updates, state = tx.update(g, state, params, noisy_grads=g)
     # b1 = b2 = 0: g_m = g_eps = 4, so the update is -α(count) · 4 / s_new.
-    np.testing.assert_allclose(updates["w"], -schedule(step) * 4.0 / state.scale["w"], rtol=1e-6)
+    np.testing.assert_allclose(updates["w"], -schedule(step) * 4.0 / bo.find_bsam_state(state).scale["w"], rtol=1e-6)
 
 
 def test_noisy_params_is_mean_plus_scaled_standard_normal():
   params = _params()
   tx = bo.bsam(0.1, n_data=7, **HYPER)
   state = tx.init(params)
-  state = state._replace(scale=jax.tree.map(lambda s: s * jnp.arange(1.0, s.size + 1).reshape(s.shape), state.scale))
+  inner = state[0]
+  state = (
+    inner._replace(scale=jax.tree.map(lambda s: s * jnp.arange(1.0, s.size + 1).reshape(s.shape), inner.scale)),
+  ) + state[1:]
   key = jax.random.key(3)
   theta = bo.noisy_params(key, params, state)
   z = _noise.normal_like(key, params)
   for k in params:
-    expected = params[k] + z[k] / np.sqrt(7 * np.asarray(state.scale[k]))
+    expected = params[k] + z[k] / np.sqrt(7 * np.asarray(state[0].scale[k]))
     np.testing.assert_allclose(theta[k], expected, rtol=1e-6)
 
 
@@ -128,7 +131,7 @@ def test_rho_schedule_is_evaluated_for_the_next_step():
   state = tx.init(params)
   g = {"w": jnp.ones(2)}
   for step in range(3):
-    np.testing.assert_allclose(state.rho, rho(step))
+    np.testing.assert_allclose(bo.find_bsam_state(state).rho, rho(step))
     _, state = tx.update(g, state, params, noisy_grads=g)
 
 
@@ -207,7 +210,8 @@ def test_dtypes_are_preserved(dtype):
   theta = bo.noisy_params(jax.random.key(0), params, state)
   adv = bo.perturbed_params(params, state, theta)
   updates, state = tx.update(adv, state, params, noisy_grads=theta)
-  for tree in (theta, adv, updates, state.momentum, state.scale, bo.posterior(params, state)[1]):
+  bs = bo.find_bsam_state(state)
+  for tree in (theta, adv, updates, bs.momentum, bs.scale, bo.posterior(params, state)[1]):
     chex.assert_trees_all_equal_dtypes(tree, params)
 
 
@@ -220,7 +224,7 @@ def test_float64_under_x64():
     updates, state = tx.update(theta, state, params, noisy_grads=theta)
     assert theta["w"].dtype == jnp.float64
     assert updates["w"].dtype == jnp.float64
-    assert state.scale["w"].dtype == jnp.float64
+    assert bo.find_bsam_state(state).scale["w"].dtype == jnp.float64
 
 
 def test_tree_map_params():

@@ -122,7 +122,7 @@ def test_nnx_model_and_optimizer(tmp_path):
   optimizer = nnx.Optimizer(model, bo.bsam(0.1, n_data=8), wrt=nnx.Param)
   params = nnx.as_pure(nnx.state(model, nnx.Param))
   opt_state = nnx.as_pure(optimizer.opt_state)
-  opt_state = opt_state._replace(scale=jax.tree.map(lambda s: s * 3.0, opt_state.scale))
+  opt_state = (opt_state[0]._replace(scale=jax.tree.map(lambda s: s * 3.0, opt_state[0].scale)),) + opt_state[1:]
   path = bo.save_checkpoint(tmp_path / "nnx", params, opt_state)
   other = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
   other_optimizer = nnx.Optimizer(other, bo.bsam(0.1, n_data=8), wrt=nnx.Param)

@@ -120,7 +120,7 @@ def test_train_step_matches_hand_written_step_for_each_bn_policy(policy_steps, b
   _assert_trees_equal(new.params, ref.params, rtol=1e-5, atol=1e-6)
   _assert_trees_equal(new.opt_state, ref.opt_state, rtol=1e-5, atol=1e-6)
   _assert_trees_equal(new.batch_stats, ref.batch_stats, rtol=1e-5, atol=1e-6)
-  assert set(out) == {"loss", "perturbed_loss"}
+  assert isinstance(out, bo.StepInfo) and out.aux is None and out.loss.shape == () == out.second_loss.shape
   assert int(new.step) == 1
 
 

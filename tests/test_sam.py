@@ -186,7 +186,7 @@ def test_bsam_no_noise_one_step_by_hand():
   gm = jax.tree.map(lambda ge, a: (1 - b1) * (ge + wd * a), g_eps, w)
   s = jax.tree.map(lambda gi: b2 * s0 + (1 - b2) * (np.sqrt(s0) * np.abs(gi) + wd + gamma), g)
   _close(new, jax.tree.map(lambda a, m, s: a - lr * m / s, w, gm, s))
-  _close(state.scale, s)
+  _close(bo.find_bsam_state(state).scale, s)
   # Deterministic: the key is not used.
   again, _, _ = step(params, tx.init(params), batch, jax.random.key(123))
   chex.assert_trees_all_equal(new, again)

@@ -1,5 +1,7 @@
 """Tests of bsam_step: stages, m-sharpness, devices (pmap / shard_map), errors."""
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -291,3 +293,97 @@ def test_step_without_bsam_in_tx():
   tx = optax.adam(0.1)
   with pytest.raises(ValueError, match="BSAMState"):
     bo.bsam_step(loss_fn, tx)(params, tx.init(params), batch, jax.random.key(0))
+
+
+# --- the builder: rules as values, typed results, one option list -------------------------------------------
+
+
+def test_a_custom_rule_is_a_value_and_gets_the_builders_parts_and_update_args():
+  params, batch = _problem()
+
+  class Recorder(NamedTuple):
+    count: jax.Array
+    first_grads: dict
+
+  def update_args(params, opt_state, x, g):
+    return {"first_grads": g}
+
+  def tx_update(updates, state, params=None, *, first_grads):
+    return jax.tree.map(jnp.zeros_like, updates), Recorder(state.count + 1, first_grads)
+
+  tx = optax.GradientTransformationExtraArgs(
+    lambda p: Recorder(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, p)), tx_update
+  )
+  rule = bo.PerturbationRule(
+    second_point=lambda p, s, g: jax.tree.map(lambda w, gi: w + 0.1 * gi, p, g), update_args=update_args
+  )
+  step = bo.make_perturbation_step(loss_fn, tx, rule, m=2)
+  _, state, info = step(params, tx.init(params), batch, jax.random.key(0))
+  half = jax.tree.map(lambda x: x[:8], batch), jax.tree.map(lambda x: x[8:], batch)
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *[jax.grad(loss_fn)(params, h) for h in half])
+  chex.assert_trees_all_close(state.first_grads, expected, rtol=1e-5, atol=1e-6)
+  assert int(state.count) == 1
+  assert isinstance(info, bo.StepInfo)
+  np.testing.assert_allclose(info.loss, loss_fn(params, batch), rtol=1e-6)
+
+
+def test_step_info_is_typed_and_answers_the_earlier_keys():
+  params, batch = _problem()
+  tx = _tx()
+  _, _, info = bo.bsam_step(loss_fn, tx, m=2)(params, tx.init(params), batch, jax.random.key(0))
+  assert info.aux is None
+  assert info["loss"] is info.loss and info["perturbed_loss"] is info.second_loss
+  loss, second_loss, aux = info
+  with pytest.raises(KeyError, match="second_loss"):
+    info["grads"]
+
+
+def _per_example_loss(params, batch):
+  h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+  pred = (h @ params["w2"])[:, 0]
+  return jnp.mean((pred - batch["y"]) ** 2), pred
+
+
+@pytest.mark.parametrize("split", ["vmap", "scan", "unroll"])
+def test_aux_concat_returns_per_example_outputs_in_batch_order(split):
+  params, batch = _problem()
+  tx = optax.sgd(0.0)
+  step = bo.sam_step(
+    _per_example_loss, tx, rho=0.0, m=4, has_aux=True, aux_from="first", aux_reduce="concat", split=split
+  )
+  _, _, info = step(params, tx.init(params), batch, jax.random.key(0))
+  assert info.aux.shape == (16,)
+  np.testing.assert_allclose(info.aux, _per_example_loss(params, batch)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_aux_concat_across_devices_on_a_mesh():
+  params, batch = _problem()
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  tx = optax.sgd(0.0)
+  step = bo.sam_step(
+    _per_example_loss,
+    tx,
+    rho=0.0,
+    m=2,
+    axis_name="data",
+    mesh=mesh,
+    has_aux=True,
+    aux_from="first",
+    aux_reduce="concat",
+  )
+  _, _, info = step(params, tx.init(params), batch, jax.random.key(0))
+  np.testing.assert_allclose(info.aux, _per_example_loss(params, batch)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_options_are_checked_in_one_place_and_name_the_argument():
+  params, _ = _problem()
+  with pytest.raises(TypeError, match="unexpected keyword argument 'mm'"):
+    bo.bsam_step(loss_fn, _tx(), mm=2)
+  with pytest.raises(TypeError, match="rule must be a bsam_optax.PerturbationRule"):
+    bo.make_perturbation_step(loss_fn, _tx(), lambda *a: a)
+  with pytest.raises(ValueError, match="aux_reduce"):
+    bo.sam_step(loss_fn, optax.sgd(0.1), rho=0.1, aux_reduce="sum")
+  with pytest.raises(TypeError, match="has_aux must be a bool"):
+    bo.sam_step(loss_fn, optax.sgd(0.1), rho=0.1, has_aux=1)
+  with pytest.raises(TypeError, match="donate="):
+    bo.perturbation_gradients(loss_fn, bo.bsam_rule(), donate=True)
