@@ -143,7 +143,7 @@ def sam_rule(*, rho, eps: float = 1e-12) -> _step.PerturbationRule:
 
 
 def asam_rule(*, rho, eta=0.01, eps: float = 1e-12) -> _step.PerturbationRule:
-  """ASAM as a :class:`~bsam_optax.PerturbationRule`: the second point ω + ρ T² g / ‖T g‖, T = |ω| + η.
+  """ASAM as a :class:`~bsam_optax.PerturbationRule`: the second point ``ω + ρ T² g / ‖T g‖``, ``T = |ω| + η``.
 
   Args:
     rho: ρ, the radius in the scaled space (``>= 0``).

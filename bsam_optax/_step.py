@@ -56,17 +56,18 @@ __all__ = [
 class PerturbationRule(NamedTuple):
   """A method, as the step machinery sees it: where its two gradients are taken and what its update gets.
 
-  Attributes:
-    first_point: ``(key, params, opt_state) -> x``, the point of the first
-      gradient (a noisy sample for bSAM, RandomSAM and MFVI); ``None`` for
-      ``params`` itself (the key is then unused).
-    second_point: ``(params, opt_state, g) -> y``, the point of the second
-      gradient given the first gradient ``g`` (SAM's ``ω + ρ g / ‖g‖``);
-      ``None`` for a one-gradient method, whose update gets ``g``.
-    update_args: ``(params, opt_state, x, g) -> dict``, extra keyword
-      arguments of ``tx.update`` computed from the first point and gradient
-      (bSAM's ``noisy_grads=|g|``); each value is a pytree, averaged over
-      parts and devices. ``None`` for none.
+  Its fields:
+
+  - ``first_point``: ``(key, params, opt_state) -> x``, the point of the first
+    gradient (a noisy sample for bSAM, RandomSAM and MFVI); ``None`` for
+    ``params`` itself (the key is then unused).
+  - ``second_point``: ``(params, opt_state, g) -> y``, the point of the second
+    gradient given the first gradient ``g`` (SAM's ``ω + ρ g / ‖g‖``);
+    ``None`` for a one-gradient method, whose update gets ``g``.
+  - ``update_args``: ``(params, opt_state, x, g) -> dict``, extra keyword
+    arguments of ``tx.update`` computed from the first point and gradient
+    (bSAM's ``noisy_grads=|g|``); each value is a pytree, averaged over
+    parts and devices. ``None`` for none.
 
   Example (SAM with a fixed radius; the library's own is :func:`bsam_optax.sam_rule`)::
 
@@ -109,31 +110,32 @@ def _check_flag(name: str, value) -> None:
 class StepOptions:
   """How a step is evaluated; the keyword options of every ``*_step`` builder, checked in one place.
 
-  Attributes:
-    m: the number of m-sharpness parts per device the batch is split into,
-      each with its own key (and so its own noise or perturbation).
-    axis_name: the device axis, for ``jax.pmap`` / ``jax.shard_map``. Without
-      ``mesh`` the step is then not jitted: wrap it in
-      ``jax.pmap(step, axis_name=axis_name)`` (params, state and key
-      replicated, the batch sharded).
-    mesh: a ``jax.sharding.Mesh``: the step is a jitted ``jax.shard_map`` over
-      it that takes the *global* batch, sharded along ``axis_name``.
-    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    aux_from: which pass's ``aux`` the step returns: ``"first"`` or
-      ``"second"``.
-    aux_reduce: ``"mean"`` averages ``aux`` over parts and devices (BatchNorm
-      statistics); ``"concat"`` concatenates it along the leading axis in
-      batch order (per-example outputs such as logits).
-    thread_aux: pass the first pass's ``aux`` to the second pass in place of
-      the first loss_arg (mutable state, e.g. BatchNorm statistics, updated by
-      both passes in turn). Needs ``has_aux`` and a loss_arg.
-    split: ``"vmap"`` (parts side by side), ``"scan"`` (one after another:
-      gradient accumulation with the activations of one part) or
-      ``"unroll"`` (``m`` copies of one part's graph in one program: on
-      XLA:CPU a small CNN's m=8 step runs 1.5-1.8x faster than with vmap's
-      grouped convolutions, at ~3x the compile time). All give the same
-      result up to floating-point rounding.
-    donate: donate ``params`` and ``opt_state`` to the compiled step.
+  Its fields:
+
+  - ``m``: the number of m-sharpness parts per device the batch is split into,
+    each with its own key (and so its own noise or perturbation).
+  - ``axis_name``: the device axis, for ``jax.pmap`` / ``jax.shard_map``. Without
+    ``mesh`` the step is then not jitted: wrap it in
+    ``jax.pmap(step, axis_name=axis_name)`` (params, state and key
+    replicated, the batch sharded).
+  - ``mesh``: a ``jax.sharding.Mesh``: the step is a jitted ``jax.shard_map`` over
+    it that takes the *global* batch, sharded along ``axis_name``.
+  - ``has_aux``: whether ``loss_fn`` returns ``(loss, aux)``.
+  - ``aux_from``: which pass's ``aux`` the step returns: ``"first"`` or
+    ``"second"``.
+  - ``aux_reduce``: ``"mean"`` averages ``aux`` over parts and devices (BatchNorm
+    statistics); ``"concat"`` concatenates it along the leading axis in
+    batch order (per-example outputs such as logits).
+  - ``thread_aux``: pass the first pass's ``aux`` to the second pass in place of
+    the first loss_arg (mutable state, e.g. BatchNorm statistics, updated by
+    both passes in turn). Needs ``has_aux`` and a loss_arg.
+  - ``split``: ``"vmap"`` (parts side by side), ``"scan"`` (one after another:
+    gradient accumulation with the activations of one part) or
+    ``"unroll"`` (``m`` copies of one part's graph in one program: on
+    XLA:CPU a small CNN's m=8 step runs 1.5-1.8x faster than with vmap's
+    grouped convolutions, at ~3x the compile time). All give the same
+    result up to floating-point rounding.
+  - ``donate``: donate ``params`` and ``opt_state`` to the compiled step.
   """
 
   m: int = 1

@@ -293,3 +293,18 @@ def test_stages_without_bsam_state_raise():
   two = optax.chain(bo.bsam(0.1, 10), bo.bsam(0.1, 10)).init(params)
   with pytest.raises(ValueError, match="exactly one"):
     bo.find_bsam_state(two)
+
+
+def test_bsam_is_scale_by_bsam_chained_with_the_learning_rate():
+  params = _params()
+  g = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  g_eps = jax.tree.map(lambda p: jnp.full_like(p, -0.2), params)
+  rule = bo.scale_by_bsam(50, **HYPER)
+  tx = bo.bsam(0.05, n_data=50, **HYPER)
+  direction, rule_state = rule.update(g_eps, rule.init(params), params, noisy_grads=g)
+  updates, state = tx.update(g_eps, tx.init(params), params, noisy_grads=g)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda d: -0.05 * d, direction), rtol=1e-6)
+  chex.assert_trees_all_close(bo.find_bsam_state(state), rule_state)
+  # g_m / s with the new s: a rule that any optax pipeline can scale.
+  s = bo.find_bsam_state(state)
+  chex.assert_trees_all_close(direction, jax.tree.map(lambda m, s: m / s, s.momentum, s.scale), rtol=1e-6)
