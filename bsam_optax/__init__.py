@@ -22,6 +22,7 @@ from bsam_optax._posterior import find_posterior_state
 from bsam_optax._posterior import posterior
 from bsam_optax._posterior import predictive
 from bsam_optax._posterior import sample_posterior
+from bsam_optax._posterior import select_temperature
 from bsam_optax._sam import asam_perturbed_params
 from bsam_optax._sam import asam_rule
 from bsam_optax._sam import asam_step
@@ -76,4 +77,5 @@ __all__ = [
   "sample_posterior",
   "save_checkpoint",
   "scale_by_bsam",
+  "select_temperature",
 ]

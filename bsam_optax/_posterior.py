@@ -11,21 +11,40 @@ optax state, and :func:`posterior`, :func:`sample_posterior` and
 
 The paper predicts with the model average ``p(y | x) ≈ 1/S Σ_j p(y | x, θ_j)``,
 ``θ_j ~ q``, with S = 32 samples (Sec. 4; App. F.6 shows that more help).
+
+A tempered posterior ``q_T(θ) = N(mean, T std²)`` scales the variance by the
+temperature T: ``θ_j = mean + √T std z_j`` with the same ``z_j`` for every T,
+so T = 1 is ``q`` and T = 0 is the mean (a point estimate). Training with N
+scaled up (the paper's App. G) tempers at training time;
+:func:`select_temperature` picks T after training, on held-out data.
 """
 
+import math
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bsam_optax import _noise
 from bsam_optax._checks import check_count
 
-__all__ = ["find_posterior_state", "gaussian_params", "posterior", "predictive", "sample_posterior"]
+__all__ = [
+  "find_posterior_state",
+  "gaussian_params",
+  "posterior",
+  "predictive",
+  "sample_posterior",
+  "select_temperature",
+]
 
 Params = Any
+
+# 0 (the posterior mean), then 2^-10 ... 2^2: a factor 2 apart, 1 included.
+DEFAULT_TEMPERATURES = (0.0,) + tuple(2.0**k for k in range(-10, 3))
 
 
 def _is_posterior_state(x) -> bool:
@@ -107,27 +126,83 @@ def _check_num_samples(num_samples) -> None:
   check_count("num_samples", num_samples)
 
 
-def sample_posterior(key: jax.Array, params, opt_state, num_samples: int):
-  """Draws ``num_samples`` parameter sets θ_j ~ N(ω, 1 / (N s)).
+def _check_temperature(temperature, name: str = "temperature") -> None:
+  # Python numbers and concrete arrays are checked; traced values go through.
+  if isinstance(temperature, bool) or temperature is None or isinstance(temperature, (str, bytes)):
+    raise TypeError(f"{name} must be a number, got {temperature!r}")
+  if isinstance(temperature, (int, float)):
+    value = float(temperature)
+  elif isinstance(temperature, (jax.Array, np.ndarray, np.generic)):
+    if jnp.ndim(temperature) != 0:
+      raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(temperature)}")
+    dtype = jnp.result_type(temperature)
+    if not jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(f"{name} must be a real number, got dtype {dtype}")
+    if isinstance(temperature, jax.core.Tracer):
+      return
+    value = float(temperature)
+  else:
+    raise TypeError(f"{name} must be a number, got {type(temperature).__name__}")
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
-  Sample ``j`` is :func:`gaussian_params` (for bSAM: :func:`bsam_optax.noisy_params`) with ``fold_in(key, j)``, so
-  samples can be regenerated one at a time or in chunks with the same result.
+
+def _is_zero(temperature) -> bool:
+  return isinstance(temperature, (int, float)) and temperature == 0
+
+
+def sample_posterior(key: jax.Array, params, opt_state, num_samples: int, *, temperature=1.0):
+  """Draws ``num_samples`` parameter sets θ_j ~ N(ω, T / (N s)) (T = ``temperature``).
+
+  Sample ``j`` is :func:`gaussian_params` (for bSAM at T = 1:
+  :func:`bsam_optax.noisy_params`) with ``fold_in(key, j)``, so samples can be
+  regenerated one at a time or in chunks with the same result, and every
+  temperature uses the same standard normals ``z_j``: ``θ_j = ω + √T σ z_j``.
 
   Args:
     key: a PRNG key.
     params: ω, the posterior mean.
     opt_state: an optax state holding one Gaussian posterior (e.g. of :func:`~bsam_optax.bsam`).
     num_samples: S, the number of samples.
+    temperature: T >= 0, a number (or a scalar array); the variance is
+      multiplied by T. ``T = 0`` returns ω itself for every sample.
 
   Returns:
     A pytree like ``params`` with a leading axis of size ``num_samples``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = bo.bsam(0.1, n_data=100).init(params)
+    >>> bo.sample_posterior(jax.random.key(0), params, state, 4, temperature=0.5)["w"].shape
+    (4, 3)
   """
   _check_num_samples(num_samples)
-  return _sample(key, params, opt_state, jnp.arange(num_samples))
+  _check_temperature(temperature)
+  return _sample(key, params, opt_state, jnp.arange(num_samples), temperature)
 
 
-def _sample(key, params, opt_state, indices):
-  return jax.vmap(lambda i: gaussian_params(jax.random.fold_in(key, i), params, opt_state))(indices)
+def _sample(key, params, opt_state, indices, temperature=1.0):
+  if _is_zero(temperature):
+    return jax.tree.map(lambda w: jnp.broadcast_to(w, indices.shape + jnp.shape(w)), params)
+  return jax.vmap(lambda i: gaussian_params(jax.random.fold_in(key, i), params, opt_state, temperature=temperature))(
+    indices
+  )
+
+
+def _check_chunk_size(chunk_size, num_samples: int) -> int:
+  chunk_size = num_samples if chunk_size is None else chunk_size
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if num_samples % chunk_size:
+    raise ValueError(f"chunk_size={chunk_size} must divide num_samples={num_samples}")
+  return chunk_size
+
+
+def _over_chunks(fn, num_samples: int, chunk_size: int):
+  """``lax.map(fn, chunks of sample indices)``: bounded memory, the same result for every chunk size."""
+  chunks = jnp.arange(num_samples).reshape(num_samples // chunk_size, chunk_size)
+  return jax.lax.map(fn, chunks)
 
 
 def predictive(
@@ -140,8 +215,9 @@ def predictive(
   *,
   chunk_size: int | None = None,
   link: Callable[[jax.Array], jax.Array] | None = jax.nn.softmax,
+  temperature=1.0,
 ) -> jax.Array:
-  """The model-averaged predictive ``1/S Σ_j link(apply_fn(θ_j, inputs))``.
+  """The model-averaged predictive ``1/S Σ_j link(apply_fn(θ_j, inputs))``, θ_j ~ N(ω, T / (N s)).
 
   Samples are evaluated ``chunk_size`` at a time (vmapped within a chunk,
   ``lax.map`` across chunks) so that memory stays bounded; the result does not
@@ -159,22 +235,156 @@ def predictive(
       divide ``num_samples``.
     link: applied to each sample's output before averaging (softmax turns
       logits into class probabilities); ``None`` for identity.
+    temperature: T >= 0, the posterior's temperature (see
+      :func:`sample_posterior`). A Python ``0`` returns exactly
+      ``link(apply_fn(params, inputs))``, the posterior mean's prediction.
 
   Returns:
     The average over samples of ``link(apply_fn(θ_j, inputs))``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> params = {"w": jnp.ones((2, 3))}
+    >>> state = bo.bsam(0.1, n_data=100).init(params)
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> probs = bo.predictive(apply_fn, jax.random.key(0), params, state, jnp.ones((5, 2)), 8, temperature=0.1)
+    >>> probs.shape
+    (5, 3)
   """
   _check_num_samples(num_samples)
-  chunk_size = num_samples if chunk_size is None else chunk_size
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  if num_samples % chunk_size:
-    raise ValueError(f"chunk_size={chunk_size} must divide num_samples={num_samples}")
+  _check_temperature(temperature)
+  chunk_size = _check_chunk_size(chunk_size, num_samples)
   link = (lambda x: x) if link is None else link
+  if _is_zero(temperature):
+    return link(apply_fn(params, inputs))
 
   def chunk_mean(indices):
-    thetas = _sample(key, params, opt_state, indices)
+    thetas = _sample(key, params, opt_state, indices, temperature)
     outputs = jax.vmap(lambda theta: link(apply_fn(theta, inputs)))(thetas)
     return jnp.mean(outputs, axis=0)
 
-  chunks = jnp.arange(num_samples).reshape(num_samples // chunk_size, chunk_size)
-  return jnp.mean(jax.lax.map(chunk_mean, chunks), axis=0)
+  return jnp.mean(_over_chunks(chunk_mean, num_samples, chunk_size), axis=0)
+
+
+def _check_inputs_labels(inputs, labels) -> np.ndarray:
+  leaves = jax.tree.leaves(inputs)
+  if not leaves:
+    raise ValueError("inputs must hold at least one array, got an empty pytree")
+  if labels is None or isinstance(labels, (str, bytes)):
+    raise TypeError(f"labels must be an array of integer class indices, got {labels!r}")
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"labels must be 1-D (n,), got shape {labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+  if labels.shape[0] == 0:
+    raise ValueError("labels must not be empty: select_temperature needs held-out examples")
+  for leaf in leaves:
+    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != labels.shape[0]:
+      raise ValueError(
+        f"inputs and labels must have the same number of examples (leading axis), "
+        f"got inputs shape {jnp.shape(leaf)} and labels shape {labels.shape}"
+      )
+  return labels
+
+
+def select_temperature(
+  apply_fn: Callable[[Any, Any], jax.Array],
+  key: jax.Array,
+  params,
+  opt_state,
+  inputs,
+  labels,
+  *,
+  temperatures: Sequence[float] | None = None,
+  num_samples: int = 32,
+  chunk_size: int | None = None,
+) -> tuple[float, dict[float, float]]:
+  """Picks the posterior temperature T by the model average's NLL on held-out data.
+
+  For every candidate T the model average ``p_T(y | x) = 1/S Σ_j
+  softmax(apply_fn(ω + √T σ z_j, x))`` is evaluated with the *same* ``z_j``
+  (those of :func:`predictive` with ``key``), so the comparison between
+  temperatures is not blurred by sampling noise, and the T with the smallest
+  ``NLL_T = -1/n Σ_i log p_T(y_i | x_i)`` wins (ties: the first in the list).
+  T = 0, the posterior mean's prediction, is always a candidate: a posterior
+  whose samples hurt the held-out NLL is reported as such, not hidden.
+
+  Call it after training, with a validation split, then predict with
+  ``predictive(..., temperature=T)``. It syncs with the host (it returns
+  Python numbers).
+
+  Args:
+    apply_fn: ``apply_fn(params, inputs) -> logits``, shape ``(n, num_classes)``.
+    key: a PRNG key; use the same one for :func:`predictive` to reuse the samples.
+    params: ω, the posterior mean.
+    opt_state: an optax state holding one Gaussian posterior (e.g. of :func:`~bsam_optax.bsam`).
+    inputs: the held-out inputs (any pytree whose leaves have a leading axis n).
+    labels: integer class indices in ``[0, num_classes)``, shape ``(n,)``.
+    temperatures: the candidates, numbers >= 0 (0 is added if missing);
+      ``None`` for 0 and the powers of two ``2^-10 ... 2^2``.
+    num_samples: S, the samples per temperature.
+    chunk_size: how many samples to evaluate at once (as in :func:`predictive`).
+
+  Returns:
+    ``(T, table)``: the selected temperature and ``{T: NLL_T}`` for every candidate.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> params = {"w": jnp.array([[1.0, -1.0], [-1.0, 1.0]])}
+    >>> state = bo.bsam(0.1, n_data=10).init(params)
+    >>> x, y = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]]), jnp.array([0, 1, 1])
+    >>> T, table = bo.select_temperature(lambda p, x: x @ p["w"], jax.random.key(0), params, state, x, y)
+    >>> T in table and 0.0 in table
+    True
+
+  References:
+    Wenzel et al., `How Good is the Bayes Posterior in Deep Neural Networks
+    Really? <https://arxiv.org/abs/2002.02405>`_, ICML 2020 (tempered posteriors).
+  """
+  _check_num_samples(num_samples)
+  chunk_size = _check_chunk_size(chunk_size, num_samples)
+  labels = _check_inputs_labels(inputs, labels)
+  if temperatures is None:
+    temperatures = DEFAULT_TEMPERATURES
+  if isinstance(temperatures, (int, float, str, bytes)) or not isinstance(
+    temperatures, Sequence | np.ndarray | jax.Array
+  ):
+    raise TypeError(f"temperatures must be a sequence of numbers, got {temperatures!r}")
+  for t in temperatures:
+    _check_temperature(t, "temperatures")
+  candidates = [0.0] + sorted({float(t) for t in temperatures} - {0.0})
+  logits_shape = jax.eval_shape(apply_fn, params, inputs).shape
+  if len(logits_shape) != 2 or logits_shape[0] != labels.shape[0]:
+    raise ValueError(
+      f"apply_fn must return logits of shape (n, num_classes) = ({labels.shape[0]}, k), got {logits_shape}"
+    )
+  num_classes = logits_shape[1]
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must be in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
+  labels = jnp.asarray(labels)
+
+  def nll(log_probs):
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+  @jax.jit
+  def tempered_nlls(params, opt_state, inputs, temps):
+    def one(t):
+      def chunk_logsumexp(indices):
+        thetas = _sample(key, params, opt_state, indices, t)
+        log_probs = jax.vmap(lambda theta: jax.nn.log_softmax(apply_fn(theta, inputs)))(thetas)
+        return jax.nn.logsumexp(log_probs, axis=0)
+
+      per_chunk = _over_chunks(chunk_logsumexp, num_samples, chunk_size)
+      return nll(jax.nn.logsumexp(per_chunk, axis=0) - math.log(num_samples))
+
+    return jax.lax.map(one, temps)
+
+  mean_nll = jax.jit(lambda params, inputs: nll(jax.nn.log_softmax(apply_fn(params, inputs))))(params, inputs)
+  values = [float(mean_nll)]
+  if len(candidates) > 1:
+    values += [float(v) for v in tempered_nlls(params, opt_state, inputs, jnp.asarray(candidates[1:], jnp.float32))]
+  table = dict(zip(candidates, values, strict=True))
+  finite = [t for t in candidates if math.isfinite(table[t])]
+  best = min(finite, key=lambda t: table[t]) if finite else 0.0
+  return best, table

@@ -140,3 +140,133 @@ def test_bad_chunk_size(chunk_size, match):
   params, state = _predict_params()
   with pytest.raises(ValueError, match=match):
     bo.predictive(_apply, jax.random.key(0), params, state, _inputs(), 8, chunk_size=chunk_size)
+
+
+# Temperature: θ_j = ω + √T σ z_j with the same z_j for every T.
+
+
+def test_temperature_scales_the_deviation_from_the_mean_with_the_same_noise():
+  params, state = _params_and_state()
+  key = jax.random.key(8)
+  at_one = sample_posterior(key, params, state, 6)
+  for temperature in (0.25, 2.0, 1e-4):
+    tempered = jax.jit(bo.sample_posterior, static_argnums=3)(key, params, state, 6, temperature=temperature)
+    for k in params:
+      np.testing.assert_allclose(
+        tempered[k] - params[k], np.sqrt(temperature) * (at_one[k] - params[k]), rtol=1e-5, atol=1e-6
+      )
+
+
+def test_temperature_zero_is_the_posterior_mean_exactly():
+  params, state = _params_and_state()
+  samples = bo.sample_posterior(jax.random.key(9), params, state, 3, temperature=0)
+  for k in params:
+    np.testing.assert_array_equal(samples[k], np.broadcast_to(params[k], (3,) + params[k].shape))
+  params, state = _predict_params()
+  x = _inputs()
+  for link in (jax.nn.softmax, None):
+    got = bo.predictive(_apply, jax.random.key(9), params, state, x, 8, temperature=0.0, link=link)
+    expected = _apply(params, x) if link is None else jax.nn.softmax(_apply(params, x))
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_tempered_predictive_is_the_average_over_tempered_samples():
+  params, state = _predict_params()
+  key, x = jax.random.key(10), _inputs()
+  got = bo.predictive(_apply, key, params, state, x, 8, chunk_size=4, temperature=0.3)
+  samples = bo.sample_posterior(key, params, state, 8, temperature=0.3)
+  expected = np.mean([jax.nn.softmax(_apply(jax.tree.map(lambda s, j=j: s[j], samples), x)) for j in range(8)], 0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # A traced temperature (e.g. under jit) gives the same.
+  traced = jax.jit(lambda t: bo.predictive(_apply, key, params, state, x, 8, chunk_size=4, temperature=t))(0.3)
+  np.testing.assert_allclose(traced, got, rtol=1e-5, atol=1e-6)
+
+
+def _classification_problem(temperature_star, num_examples=20_000):
+  """Labels drawn from the model average at T*: the NLL (a proper score) is smallest at T = T*."""
+  params = {"w": jnp.array([[2.0, -1.0, 0.0], [0.5, 1.0, -2.0]]), "b": jnp.array([0.1, 0.0, -0.1])}
+  state = bo.bsam(0.1, n_data=2.0).init(params)  # σ = 1/√2: the samples move the logits a lot
+  x = jax.random.normal(jax.random.key(11), (num_examples, 2))
+  key = jax.random.key(12)
+  probs = bo.predictive(_apply, key, params, state, x, 16, temperature=temperature_star)
+  labels = jax.random.categorical(jax.random.key(13), jnp.log(probs))
+  return key, params, state, x, labels
+
+
+@pytest.mark.parametrize("temperature_star", [0.0, 0.25, 1.0])
+def test_select_temperature_picks_the_temperature_that_generated_the_labels(temperature_star):
+  key, params, state, x, labels = _classification_problem(temperature_star)
+  temperatures = [0.0, 1 / 16, 0.25, 1.0, 4.0]
+  best, table = bo.select_temperature(_apply, key, params, state, x, labels, temperatures=temperatures, num_samples=16)
+  assert best == temperature_star, table
+  assert sorted(table) == temperatures
+
+
+def test_select_temperature_table_is_the_nll_of_the_tempered_model_average():
+  key, params, state, x, labels = _classification_problem(0.25, num_examples=500)
+  best, table = bo.select_temperature(_apply, key, params, state, x, labels, temperatures=[0.5, 2.0], num_samples=8)
+  assert sorted(table) == [0.0, 0.5, 2.0]  # 0 is always a candidate
+  assert best == min(table, key=table.get)
+  labels = np.asarray(labels)
+
+  def nll(probs):
+    return -np.mean(np.log(np.asarray(probs, np.float64)[np.arange(len(labels)), labels]))
+
+  np.testing.assert_allclose(table[0.0], nll(jax.nn.softmax(_apply(params, x))), rtol=1e-5)
+  for t in (0.5, 2.0):
+    np.testing.assert_allclose(table[t], nll(bo.predictive(_apply, key, params, state, x, 8, temperature=t)), rtol=1e-4)
+  # The same with the samples in chunks; and the default grid holds 0, 1 and powers of two.
+  chunked = bo.select_temperature(
+    _apply, key, params, state, x, labels, temperatures=[0.5, 2.0], num_samples=8, chunk_size=2
+  )[1]
+  np.testing.assert_allclose([chunked[t] for t in table], [table[t] for t in table], rtol=1e-5)
+  default = bo.select_temperature(_apply, key, params, state, x, labels, num_samples=2)[1]
+  assert 0.0 in default and 1.0 in default and len(default) >= 10
+
+
+@pytest.mark.parametrize(
+  "temperature,error",
+  [
+    (-1.0, ValueError),
+    (float("nan"), ValueError),
+    (float("inf"), ValueError),
+    ("1", TypeError),
+    (None, TypeError),
+    (True, TypeError),
+    (jnp.ones(2), ValueError),
+  ],
+)
+def test_bad_temperature(temperature, error):
+  params, state = _predict_params()
+  key, x = jax.random.key(0), _inputs()
+  with pytest.raises(error, match="temperature"):
+    bo.sample_posterior(key, params, state, 2, temperature=temperature)
+  with pytest.raises(error, match="temperature"):
+    bo.predictive(_apply, key, params, state, x, 2, temperature=temperature)
+  with pytest.raises(error, match="temperatures"):
+    bo.select_temperature(_apply, key, params, state, x, jnp.zeros(5, jnp.int32), temperatures=[0.5, temperature])
+
+
+@pytest.mark.parametrize(
+  "inputs,labels,error,match",
+  [
+    (jnp.zeros((0, 2)), jnp.zeros(0, jnp.int32), ValueError, "empty"),
+    (jnp.zeros((5, 2)), jnp.zeros(4, jnp.int32), ValueError, "same number"),
+    (jnp.zeros((5, 2)), jnp.array([0, 1, 2, 3, 0]), ValueError, r"\[0, 3\)"),
+    (jnp.zeros((5, 2)), jnp.array([0, -1, 2, 1, 0]), ValueError, r"\[0, 3\)"),
+    (jnp.zeros((5, 2)), jnp.zeros(5), TypeError, "integer"),
+    (jnp.zeros((5, 2)), jnp.zeros((5, 1), jnp.int32), ValueError, "1-D"),
+    ({}, jnp.zeros(5, jnp.int32), ValueError, "inputs"),
+  ],
+)
+def test_select_temperature_bad_inputs_or_labels(inputs, labels, error, match):
+  params, state = _predict_params()
+  with pytest.raises(error, match=match):
+    bo.select_temperature(_apply, jax.random.key(0), params, state, inputs, labels, num_samples=2)
+
+
+def test_select_temperature_bad_grid():
+  params, state = _predict_params()
+  x, y = _inputs(), jnp.zeros(5, jnp.int32)
+  with pytest.raises(TypeError, match="temperatures"):
+    bo.select_temperature(_apply, jax.random.key(0), params, state, x, y, temperatures=0.5)
