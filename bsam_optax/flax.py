@@ -1,4 +1,4 @@
-"""Flax integration: linen ``TrainState`` and train step, NNX train step.
+"""Flax integration: linen ``TrainState`` and train step, NNX train step, and the posterior of both.
 
 Both paths run the bSAM step of :func:`bsam_optax.bsam_step`::
 
@@ -6,6 +6,16 @@ Both paths run the bSAM step of :func:`bsam_optax.bsam_step`::
   g   = ∇ℓ(θ)
   g_ε = ∇ℓ(ω + ρ g / s)          # forward + backward pass 2 (the "perturbed" pass)
   tx.update(g_ε, state, ω, noisy_grads=|g|)
+
+**Switching a Flax example to bSAM.** The optimizer becomes ``bo.bsam(...)``
+(see the hyper-parameter guide in the documentation: α behaves like an SGD
+learning rate, not an Adam one) and the hand-written ``train_step`` becomes
+:func:`make_train_step` (linen) or :func:`make_nnx_train_step` (NNX), which
+take the example's own ``loss_fn`` and return its per-example ``aux`` (logits)
+concatenated over the m-sharpness parts and the devices, so the metrics need no
+second forward pass. Dict batches (``batch["image"]``), Dropout (a key per part)
+and BatchNorm work; Flax's own ``TrainState`` (or a subclass with
+``batch_stats``) is accepted by the linen step.
 
 **BatchNorm statistics.** Two training-mode forward passes per step means two
 candidate updates of the running statistics. In training mode BatchNorm
@@ -33,18 +43,31 @@ over devices (``lax.pmean``), so D devices with ``m=1`` match ``m=D`` on one
 device. The authors' code keeps the statistics of the first part only; we
 average, which uses all of the batch.
 
-Only BatchNorm statistics are threaded through the step (linen's
-``batch_stats`` collection, NNX's :class:`flax.nnx.BatchStat` variables);
-other mutable state, such as dropout RNG counters, is not supported.
+**Randomness.** Part ``i`` (counting across devices) draws its noise from
+``fold_in(key, i)`` as in ``bsam_step``; its Dropout (any RNG stream of the
+model) draws from ``fold_in(fold_in(fold_in(key, 2**31 - 1), i), j)`` for the
+model's ``j``-th stream, the same key for both passes of the part (the two
+gradients are of the same stochastic loss).
+
+**BatchNorm and the model average.** A posterior sample θ_j ~ N(ω, 1/(N s))
+evaluated with the running statistics collected at ω sees activations whose
+mean and variance no longer match them; the model average is then much less
+calibrated than ω itself. ``predictive(..., batch_stats="recompute",
+bn_inputs=...)`` re-estimates the statistics for every sample on a few
+training batches (as SWAG does), which restores it; see
+:meth:`TrainState.predictive` and :func:`nnx_predictive`.
 """
 
-import operator
+import functools
+import inspect
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax.training import train_state
@@ -52,32 +75,170 @@ from jax.sharding import Mesh
 
 import bsam_optax as bo
 
-__all__ = ["TrainState", "make_nnx_train_step", "make_train_step"]
+__all__ = [
+  "TrainState",
+  "make_nnx_train_step",
+  "make_train_step",
+  "nnx_posterior",
+  "nnx_predictive",
+  "nnx_sample_posterior",
+]
 
 BNUpdate = Literal["both", "second", "first", "none", "perturbed", "noisy"]
 _BN_UPDATES = ("both", "second", "first", "none", "perturbed", "noisy")
+_STREAM_SALT = 2**31 - 1  # fold_in(key, _STREAM_SALT): the root of the model's own RNG streams (Dropout)
+_INPUT_KEYS = ("image", "x", "inputs", "input")
 
 
-def _bn_options(bn_update: BNUpdate) -> dict:
-  """The aux options of the step machinery that implement a ``bn_update`` policy."""
+def _check_bn_update(bn_update) -> None:
   if bn_update not in _BN_UPDATES:
     raise ValueError(f"bn_update must be one of {_BN_UPDATES[:4]}, got {bn_update!r}")
-  if bn_update == "none":
-    return dict(has_aux=False)
-  return dict(
-    has_aux=True,
-    aux_from="first" if bn_update in ("first", "noisy") else "second",
-    thread_aux=bn_update == "both",
-  )
+
+
+def _check_aux_reduce(aux_reduce) -> None:
+  if aux_reduce not in ("concat", "mean"):
+    raise ValueError(f"aux_reduce must be 'concat' (per-example aux) or 'mean', got {aux_reduce!r}")
+
+
+def _is_key(x) -> bool:
+  if not isinstance(x, (jax.Array, np.ndarray)):
+    return False
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return True
+  return x.dtype == np.uint32 and x.shape[-1:] == (2,) and x.ndim <= 2  # a raw (legacy) key, or pmap-replicated
+
+
+def _check_key_and_batch(batch, key, call: str) -> None:
+  if _is_key(batch) and not _is_key(key):
+    raise TypeError(f"batch is a PRNG key and key is not: were they swapped? Call {call}")
+  if not _is_key(key) and not isinstance(key, jax.core.Tracer):
+    raise TypeError(f"key must be a PRNG key (jax.random.key(...)), got {type(key).__name__}; call {call}")
+
+
+def _check_n_data(opt_state, batch) -> None:
+  """N smaller than one batch is a mistake (e.g. ``n_data=len(dataset)`` of a dict of arrays)."""
+  try:
+    n_data = getattr(bo.find_posterior_state(opt_state), "n_data", None)
+  except ValueError:
+    return
+  leaves = jax.tree.leaves(batch)
+  if n_data is None or not leaves or isinstance(n_data, jax.core.Tracer) or not jnp.ndim(leaves[0]):
+    return
+  n_data, size = float(np.ravel(np.asarray(n_data))[0]), jnp.shape(leaves[0])[0]
+  if n_data < size:
+    raise ValueError(
+      f"n_data={n_data:g} is smaller than one batch ({size} examples): N is the number of training examples "
+      f"(for a dict of arrays, len(ds['image']), not len(ds), which counts its keys)"
+    )
+
+
+def default_inputs(batch):
+  """The model's input in a batch: ``batch[0]`` of a tuple, ``batch["image"]`` (or ``"x"``, ``"inputs"``) of a dict."""
+  if isinstance(batch, dict):
+    for name in _INPUT_KEYS:
+      if name in batch:
+        return batch[name]
+    raise KeyError(
+      f"the batch is a dict with keys {sorted(batch)} and none of {list(_INPUT_KEYS)}: pass inputs_fn= "
+      f"(e.g. inputs_fn=lambda batch: batch['{sorted(batch)[0]}'])"
+    )
+  if isinstance(batch, (tuple, list)):
+    return batch[0]
+  raise TypeError(f"the batch is a {type(batch).__name__}; pass inputs_fn= to say which part of it the model takes")
+
+
+def _stream_keys(key, part_index, names):
+  root = jax.random.fold_in(jax.random.fold_in(key, _STREAM_SALT), part_index)
+  return {name: jax.random.fold_in(root, j) for j, name in enumerate(names)}
+
+
+def _with_index(batch, axis_name, mesh):
+  """``(batch, i)``: ``i`` the global index of every example, so a part knows its own index."""
+  size = jnp.shape(jax.tree.leaves(batch)[0])[0]
+  index = jnp.arange(size, dtype=jnp.int32)
+  if axis_name is not None and mesh is None:  # under pmap: this device's rows of the global batch
+    index = index + jax.lax.axis_index(axis_name) * size
+  return batch, index
+
+
+def _part_index(index):
+  return index[0] // index.shape[0]
+
+
+def _mean_parts(tree, axis_name, mesh):
+  """The mean over the leading (parts) axis of concatenated per-part aux, and over devices under pmap."""
+  tree = jax.tree.map(lambda x: jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), 0).astype(x.dtype), tree)
+  if axis_name is not None and mesh is None:
+    tree = jax.lax.pmean(tree, axis_name)
+  return tree
+
+
+class _Plan:
+  """How the user's aux and the BatchNorm statistics travel through the step machinery.
+
+  The loss seen by the machinery returns ``(loss, (stats, user_aux))`` and takes
+  ``(stats, anything)`` as its first loss_arg (``thread_aux`` passes the first
+  pass's pair on). BatchNorm statistics are averaged over parts; the user's aux is
+  concatenated (``aux_reduce="concat"``) or averaged. The builder reduces all of the
+  aux one way; when the two differ, the statistics travel with a leading axis of
+  size 1 per part, are concatenated with the user's aux and averaged here.
+  """
+
+  def __init__(self, bn_update, has_aux, aux_reduce, with_stats):
+    _check_bn_update(bn_update)
+    _check_aux_reduce(aux_reduce)
+    if not isinstance(has_aux, bool):
+      raise TypeError(f"has_aux must be a bool, got {has_aux!r}")
+    self.stats = with_stats and bn_update != "none"
+    self.user_aux = has_aux
+    self.split_stats = self.stats and has_aux and aux_reduce == "concat"
+    reduce = "concat" if has_aux and aux_reduce == "concat" else "mean"
+    self.options = dict(
+      has_aux=self.stats or has_aux,
+      aux_from="first" if bn_update in ("first", "noisy") else "second",
+      aux_reduce=reduce,
+      thread_aux=self.stats and bn_update == "both",
+    )
+
+  def carry(self, stats):
+    """The first loss_arg for the initial statistics."""
+    return (jax.tree.map(lambda x: x[None], stats) if self.split_stats else stats), None
+
+  def stats_in(self, carry):
+    stats = carry[0]
+    return jax.tree.map(lambda x: x[0], stats) if self.split_stats else stats
+
+  def loss_out(self, value, new_stats):
+    """What the machinery's loss returns, from the user's ``loss_fn`` value and the mutated statistics."""
+    loss, user_aux = value if self.user_aux else (value, None)
+    if not self.options["has_aux"]:
+      return loss
+    if self.split_stats:
+      new_stats = jax.tree.map(lambda x: x[None], new_stats)
+    return loss, (new_stats if self.stats else None, user_aux)
+
+  def results(self, info, axis_name, mesh):
+    """``(new statistics or None, info with the user's aux)``."""
+    if info.aux is None:
+      return None, info
+    stats, user_aux = info.aux
+    if self.split_stats:
+      stats = _mean_parts(stats, axis_name, mesh)
+    return (stats if self.stats else None), info._replace(aux=user_aux)
 
 
 class TrainState(train_state.TrainState):
-  """A linen ``TrainState`` for bSAM, with BatchNorm statistics.
+  """A linen ``TrainState`` for bSAM, with BatchNorm statistics and the posterior.
 
-  Differs from :class:`flax.training.train_state.TrainState` in two ways:
-  ``batch_stats`` is a field (``None`` for models without BatchNorm), and
+  Differs from :class:`flax.training.train_state.TrainState` in three ways:
+  ``batch_stats`` is a field (``None`` for models without BatchNorm),
   :meth:`apply_gradients` forwards ``noisy_grads=`` (and any other extra
-  argument) to ``tx.update``, which linen's does not.
+  argument) to ``tx.update``, which linen's does not, and it has the learned
+  posterior (:meth:`posterior`, :meth:`sample_posterior`,
+  :meth:`predictive`). A subclass that adds fields must give them defaults
+  (``field: Any = None``), since ``batch_stats`` has one. :func:`make_train_step`
+  also accepts Flax's own ``TrainState`` and subclasses of it with a
+  ``batch_stats`` field (as in Flax's ImageNet example).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, bsam_optax as bo
@@ -90,6 +251,8 @@ class TrainState(train_state.TrainState):
     >>> g = jax.grad(loss)(theta)
     >>> g_eps = jax.grad(loss)(state.perturbed_params(g))
     >>> state = state.apply_gradients(grads=g_eps, noisy_grads=g)
+    >>> state.predictive(jax.random.key(2), jnp.ones((5, 3)), num_samples=4).shape
+    (5, 2)
   """
 
   batch_stats: Any = None
@@ -126,42 +289,158 @@ class TrainState(train_state.TrainState):
     """``(mean, std)`` of the learned posterior; see :func:`bsam_optax.posterior`."""
     return bo.posterior(self.params, self.opt_state)
 
+  def sample_posterior(self, key: jax.Array, num_samples: int, **kwargs):
+    """``num_samples`` parameter sets θ_j ~ N(ω, 1/(N s)); see :func:`bsam_optax.sample_posterior`."""
+    return bo.sample_posterior(key, self.params, self.opt_state, num_samples, **kwargs)
+
+  def predictive(
+    self,
+    key: jax.Array,
+    inputs,
+    num_samples: int = 32,
+    *,
+    apply_kwargs: dict | None = None,
+    batch_stats: Literal["mean", "recompute"] = "mean",
+    bn_inputs=None,
+    train_kwargs: dict | None = None,
+    **kwargs,
+  ) -> jax.Array:
+    """The model average ``1/S Σ_j softmax(f(θ_j, inputs))``, θ_j ~ N(ω, 1/(N s)).
+
+    Args:
+      key: a PRNG key; sample ``j`` uses ``fold_in(key, j)``.
+      inputs: the model's inputs.
+      num_samples: S.
+      apply_kwargs: keyword arguments of the evaluation call, e.g.
+        ``{"train": False}``.
+      batch_stats: BatchNorm statistics of each sample: ``"mean"`` uses the
+        running statistics of ω (``self.batch_stats``); ``"recompute"``
+        re-estimates them for every θ_j as the average of the batch
+        statistics of the training-mode model on ``bn_inputs`` (as SWAG does),
+        which keeps the model average calibrated (see the module notes).
+      bn_inputs: with ``"recompute"``, a few training batches of inputs,
+        stacked: shape ``(K, B, ...)``.
+      train_kwargs: keyword arguments of the training-mode call used to
+        recompute the statistics, e.g. ``{"train": True}``.
+      **kwargs: passed to :func:`bsam_optax.predictive` (``chunk_size``,
+        ``link``, ``temperature``).
+
+    Returns:
+      The averaged probabilities (or ``link`` outputs).
+    """
+    apply = _linen_apply(self.apply_fn, self.batch_stats, batch_stats, bn_inputs, apply_kwargs, train_kwargs)
+    return bo.predictive(apply, key, self.params, self.opt_state, inputs, num_samples, **kwargs)
+
+
+def _check_batch_stats_option(batch_stats, bn_inputs) -> None:
+  if batch_stats not in ("mean", "recompute"):
+    raise ValueError(f"batch_stats must be 'mean' or 'recompute', got {batch_stats!r}")
+  if batch_stats == "recompute" and bn_inputs is None:
+    raise ValueError(
+      "batch_stats='recompute' needs bn_inputs=, a few training batches of inputs stacked as (K, B, ...)"
+    )
+  if batch_stats == "recompute" and jnp.ndim(jax.tree.leaves(bn_inputs)[0]) < 2:
+    raise ValueError("bn_inputs must be training batches stacked as (K, B, ...)")
+
+
+def _recomputed(run, like):
+  """The batch statistics of one training-mode pass, from two passes that start at 0 and at 1.
+
+  A running average moves as ``r ← μ r + (1 − μ) b``; from ``r = 0`` it gives
+  ``(1 − μ) b`` and from ``r = 1`` it gives ``μ + (1 − μ) b``, so ``μ`` and the
+  batch statistics ``b`` follow for any momentum, whatever the layer.
+  """
+  from_zero = run(jax.tree.map(jnp.zeros_like, like))
+  from_one = run(jax.tree.map(jnp.ones_like, like))
+  return jax.tree.map(lambda a, b: a / (1 - (b - a)), from_zero, from_one)
+
+
+def _average_over_batches(stats_of, bn_inputs):
+  stats = jax.lax.map(stats_of, bn_inputs)
+  return jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
+
+
+def _linen_apply(apply_fn, running_stats, batch_stats, bn_inputs, apply_kwargs, train_kwargs):
+  _check_batch_stats_option(batch_stats, bn_inputs)
+  apply_kwargs, train_kwargs = dict(apply_kwargs or {}), dict(train_kwargs or {})
+
+  def variables(params, stats):
+    return {"params": params} if stats is None else {"params": params, "batch_stats": stats}
+
+  if batch_stats == "mean" or running_stats is None:
+    return lambda params, x: apply_fn(variables(params, running_stats), x, **apply_kwargs)
+
+  def apply(params, x):
+    def stats_of(inputs):
+      def run(start):
+        _, mutated = apply_fn(variables(params, start), inputs, mutable=["batch_stats"], **train_kwargs)
+        return mutated["batch_stats"]
+
+      return _recomputed(run, running_stats)
+
+    return apply_fn(variables(params, _average_over_batches(stats_of, bn_inputs)), x, **apply_kwargs)
+
+  return apply
+
+
+def _state_fields(state):
+  for name in ("params", "opt_state", "tx", "apply_fn"):
+    if not hasattr(state, name):
+      raise TypeError(
+        f"state must be a TrainState (bsam_optax.flax.TrainState, or Flax's with the bsam tx), got "
+        f"{type(state).__name__} without .{name}; call step(state, batch, key)"
+      )
+
 
 def make_train_step(
-  loss_fn: Callable[[Any, Any], jax.Array],
-  inputs_fn: Callable[[Any], Any] = operator.itemgetter(0),
+  loss_fn: Callable[[Any, Any], Any],
+  inputs_fn: Callable[[Any], Any] = default_inputs,
   *,
   m: int = 1,
   axis_name: str | None = None,
   mesh: Mesh | None = None,
+  has_aux: bool = False,
+  aux_reduce: Literal["concat", "mean"] = "concat",
   bn_update: BNUpdate = "both",
   apply_kwargs: dict | None = None,
+  rng_streams: Sequence[str] = ("dropout",),
   split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
 ):
   """Builds a bSAM train step for a linen model held in a :class:`TrainState`.
 
   The model is called as ``state.apply_fn({"params": p, "batch_stats": bs},
-  inputs_fn(batch), mutable=["batch_stats"], **apply_kwargs)`` and the loss
-  is ``loss_fn(outputs, batch)``; the step is :func:`bsam_optax.bsam_step`
-  with ``state.tx``, ``batch_stats`` as its loss_arg and the new statistics
-  as its aux. Models without BatchNorm (``state.batch_stats is None``) are
-  called with ``{"params": p}`` only.
+  inputs_fn(batch), mutable=["batch_stats"], rngs={"dropout": k_i},
+  **apply_kwargs)`` and the loss is ``loss_fn(outputs, batch)``; the step is
+  :func:`bsam_optax.bsam_step` with ``state.tx``, ``batch_stats`` as its
+  loss_arg and the new statistics as its aux. Models without BatchNorm
+  (``state.batch_stats`` ``None`` or absent) are called with ``{"params": p}``.
 
   Args:
     loss_fn: ``loss_fn(outputs, batch) -> loss``, the mean loss over the
-      batch (part) given the model's outputs.
-    inputs_fn: picks the model's input from the batch; default ``batch[0]``.
+      batch (part) given the model's outputs; ``-> (loss, aux)`` with
+      ``has_aux=True``.
+    inputs_fn: picks the model's input from the batch; by default
+      ``batch[0]`` of a tuple and ``batch["image"]`` (or ``"x"``,
+      ``"inputs"``) of a dict.
     m: the number of m-sharpness parts (per device).
     axis_name: the device axis; the step is then meant for
       ``jax.pmap(step, axis_name=axis_name)`` (state and key replicated,
       batch sharded) unless ``mesh`` is given.
     mesh: a ``jax.sharding.Mesh`` to run the step with ``jax.shard_map``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    aux_reduce: ``"concat"`` (default): ``aux`` is per-example (e.g. the
+      logits, with a leading batch axis) and comes back for the whole batch,
+      the parts (and, with ``mesh``, the devices) concatenated in batch order;
+      ``"mean"``: averaged over parts and devices.
     bn_update: which forward passes update the BatchNorm running averages:
       ``"both"`` (the authors' behaviour), ``"second"``, ``"first"`` or
-      ``"none"``; see :mod:`bsam_optax.flax`.
+      ``"none"``; see :mod:`bsam_optax.flax`. ``aux`` comes from the second
+      pass (at ω + ε) unless ``bn_update="first"``.
     apply_kwargs: keyword arguments for every training-mode call of the
       model, e.g. ``{"train": True}``.
+    rng_streams: the RNG collections the model draws from in training; each
+      part gets its own key for each (see :mod:`bsam_optax.flax`).
     split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
       ``bsam_step``).
     donate: donate the state's buffers to the compiled step.
@@ -169,7 +448,8 @@ def make_train_step(
   Returns:
     ``step(state, batch, key) -> (state, info)`` with ``info`` a
     :class:`~bsam_optax.StepInfo`: ``info.loss`` (mean loss at the noisy
-    samples) and ``info.second_loss`` (at ω + ε).
+    samples), ``info.second_loss`` (at ω + ε) and ``info.aux`` (the reduced
+    ``aux`` of ``loss_fn``, or ``None``).
     Jitted unless ``axis_name`` is given without ``mesh``.
 
   Example:
@@ -180,47 +460,71 @@ def make_train_step(
     ...   def __call__(self, x, train):
     ...     x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
     ...     return nn.Dense(2)(nn.relu(x))
-    >>> x, y = jnp.ones((16, 3)), jnp.zeros(16, jnp.int32)
-    >>> variables = Net().init(jax.random.key(0), x, train=False)
+    >>> batch = {"image": jnp.ones((16, 3)), "label": jnp.zeros(16, jnp.int32)}
+    >>> variables = Net().init(jax.random.key(0), batch["image"], train=False)
     >>> state = TrainState.create(apply_fn=Net().apply, params=variables["params"],
-    ...                           batch_stats=variables["batch_stats"], tx=bo.bsam(1e-2, n_data=16))
-    >>> loss = lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
-    >>> step = make_train_step(loss, m=2, apply_kwargs={"train": True})
-    >>> state, out = step(state, (x, y), jax.random.key(1))
+    ...                           batch_stats=variables["batch_stats"], tx=bo.bsam(0.5, n_data=1000))
+    >>> def loss_fn(logits, batch):
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), logits
+    >>> step = make_train_step(loss_fn, m=2, has_aux=True, apply_kwargs={"train": True})
+    >>> state, info = step(state, batch, jax.random.key(1))
+    >>> info.aux.shape
+    (16, 2)
   """
-  bn_options = _bn_options(bn_update)
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
   if not callable(inputs_fn):
     raise TypeError(f"inputs_fn must be callable, got {type(inputs_fn).__name__}")
-  bo.StepOptions(m=m, axis_name=axis_name, mesh=mesh, split=split, donate=donate, **bn_options)
+  if isinstance(rng_streams, str) or not all(isinstance(s, str) for s in rng_streams):
+    raise TypeError(f"rng_streams must be a sequence of collection names, got {rng_streams!r}")
+  rng_streams = tuple(rng_streams)
+  _check_bn_update(bn_update)
+  plans = {with_stats: _Plan(bn_update, has_aux, aux_reduce, with_stats) for with_stats in (False, True)}
+  for plan in plans.values():
+    bo.StepOptions(m=m, axis_name=axis_name, mesh=mesh, split=split, donate=donate, **plan.options)
   apply_kwargs = dict(apply_kwargs or {})
 
-  def step(state: TrainState, batch, key: jax.Array):
-    if state.batch_stats is None:
+  def step(state, batch, key: jax.Array):
+    _state_fields(state)
+    running = getattr(state, "batch_stats", None)
+    plan = plans[running is not None]
 
-      def loss(params, part):
-        return loss_fn(state.apply_fn({"params": params}, inputs_fn(part), **apply_kwargs), part)
+    def loss(params, wrapped, carry=(None, None)):
+      part, index = wrapped
+      kwargs = dict(apply_kwargs)
+      if rng_streams:
+        kwargs["rngs"] = _stream_keys(key, _part_index(index), rng_streams)
+      stats = plan.stats_in(carry)
+      if stats is None:
+        outputs, new_stats = state.apply_fn({"params": params}, inputs_fn(part), **kwargs), None
+      else:
+        variables = {"params": params, "batch_stats": stats}
+        outputs, mutated = state.apply_fn(variables, inputs_fn(part), mutable=["batch_stats"], **kwargs)
+        new_stats = mutated["batch_stats"]
+      return plan.loss_out(loss_fn(outputs, part), new_stats)
 
-      options, loss_args = dict(has_aux=False), ()
-    else:
+    loss_args = () if running is None else (plan.carry(running),)
+    inner = bo.bsam_step(loss, state.tx, m, axis_name, mesh=mesh, split=split, **plan.options)
+    params, opt_state, info = inner(state.params, state.opt_state, _with_index(batch, axis_name, mesh), key, *loss_args)
+    new_stats, info = plan.results(info, axis_name, mesh)
+    replace = dict(step=state.step + 1, params=params, opt_state=opt_state)
+    if running is not None:
+      replace["batch_stats"] = running if new_stats is None else new_stats
+    return state.replace(**replace), info
 
-      def loss(params, part, batch_stats):
-        variables = {"params": params, "batch_stats": batch_stats}
-        outputs, mutated = state.apply_fn(variables, inputs_fn(part), mutable=["batch_stats"], **apply_kwargs)
-        value = loss_fn(outputs, part)
-        return value if bn_update == "none" else (value, mutated["batch_stats"])
+  compiled = step if axis_name is not None and mesh is None else jax.jit(step, donate_argnums=(0,) if donate else ())
+  checked = []
 
-      options, loss_args = bn_options, (state.batch_stats,)
-    inner = bo.bsam_step(loss, state.tx, m, axis_name, mesh=mesh, split=split, **options)
-    params, opt_state, info = inner(state.params, state.opt_state, batch, key, *loss_args)
-    batch_stats = state.batch_stats if info.aux is None else info.aux
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
-    return new_state, info._replace(aux=None)
+  @functools.wraps(step)
+  def checked_step(state, batch, key):
+    _state_fields(state)
+    _check_key_and_batch(batch, key, "step(state, batch, key)")
+    if not checked:
+      _check_n_data(state.opt_state, batch)
+      checked.append(True)
+    return compiled(state, batch, key)
 
-  if axis_name is not None and mesh is None:
-    return step
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return checked_step
 
 
 def _as_variables(like, values):
@@ -228,12 +532,27 @@ def _as_variables(like, values):
   return jax.tree.map(lambda v, x: v.replace(x), like, values, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _stream_names(model) -> tuple[str, ...]:
+  """The RNG streams a model draws from after construction (all but ``params``), in a fixed order."""
+  names = {node.key.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+  return tuple(sorted(names - {"params"}))
+
+
+def _check_optimizer(optimizer) -> None:
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+      f"optimizer must be an nnx.Optimizer(model, bo.bsam(...), wrt=nnx.Param), got {type(optimizer).__name__}"
+    )
+
+
 def make_nnx_train_step(
-  loss_fn: Callable[[nnx.Module, Any], jax.Array],
+  loss_fn: Callable[[nnx.Module, Any], Any],
   *,
   m: int = 1,
   axis_name: str | None = None,
   mesh: Mesh | None = None,
+  has_aux: bool = False,
+  aux_reduce: Literal["concat", "mean"] = "concat",
   bn_update: BNUpdate = "both",
   split: Literal["vmap", "scan", "unroll"] = "vmap",
   jit: bool = True,
@@ -252,16 +571,22 @@ def make_nnx_train_step(
   of :func:`bsam_optax.bsam_step` (the same keys, splits and devices), so the
   numbers are those of ``bsam_step`` on the same state and key. BatchNorm
   statistics (``nnx.BatchStat``) follow ``bn_update`` (see
-  :mod:`bsam_optax.flax`); put the model in training mode (``model.train()``)
-  before training.
+  :mod:`bsam_optax.flax`); the model's RNG streams (Dropout) are reseeded per
+  part from ``key``, so the model's own ``nnx.Rngs`` need not be threaded. Put
+  the model in training mode (``model.train()``) before training.
 
   Args:
-    loss_fn: ``loss_fn(model, batch) -> loss``, the mean loss over the batch.
+    loss_fn: ``loss_fn(model, batch) -> loss``, the mean loss over the batch;
+      ``-> (loss, aux)`` with ``has_aux=True`` (Flax's NNX examples return
+      ``(loss, logits)``).
     m: the number of m-sharpness parts (per device with ``mesh``).
     axis_name: the mesh axis the batch is sharded along (with ``mesh``).
     mesh: a ``jax.sharding.Mesh``: the step takes the global batch, sharded
       along ``axis_name``, and evaluates ``m`` parts on every device with
       ``jax.shard_map`` (D devices with ``m=1`` give ``m=D`` on one device).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    aux_reduce: ``"concat"`` (per-example ``aux``, concatenated over parts and
+      devices in batch order) or ``"mean"``.
     bn_update: ``"both"`` (the authors' behaviour), ``"second"``,
       ``"first"`` or ``"none"``.
     split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
@@ -271,7 +596,7 @@ def make_nnx_train_step(
   Returns:
     ``step(model, optimizer, batch, key) -> info``, updating ``model`` and
     ``optimizer`` in place; ``info`` is a :class:`~bsam_optax.StepInfo`
-    (``info.loss``, ``info.second_loss``).
+    (``info.loss``, ``info.second_loss``, ``info.aux``).
 
   Example:
     >>> import jax, jax.numpy as jnp, bsam_optax as bo
@@ -280,35 +605,207 @@ def make_nnx_train_step(
     >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
     >>> optimizer = nnx.Optimizer(model, bo.bsam(1e-2, n_data=8), wrt=nnx.Param)
     >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones((8, 1))}
-    >>> step = make_nnx_train_step(lambda mdl, b: jnp.mean((mdl(b["x"]) - b["y"]) ** 2), m=2)
-    >>> out = step(model, optimizer, batch, jax.random.key(0))
+    >>> def loss_fn(mdl, b):
+    ...   pred = mdl(b["x"])
+    ...   return jnp.mean((pred - b["y"]) ** 2), pred
+    >>> step = make_nnx_train_step(loss_fn, m=2, has_aux=True)
+    >>> step(model, optimizer, batch, jax.random.key(0)).aux.shape
+    (8, 1)
   """
-  options = _bn_options(bn_update)
   if axis_name is not None and mesh is None:
     raise ValueError("axis_name= needs mesh=: the NNX step runs on several devices through jax.shard_map over a mesh")
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-  options = dict(options, m=m, axis_name=axis_name, mesh=mesh, split=split)
+  plan = _Plan(bn_update, has_aux, aux_reduce, True)
+  options = dict(plan.options, m=m, axis_name=axis_name, mesh=mesh, split=split)
   bo.StepOptions(**options)
 
   def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
     graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)
     params = nnx.as_pure(param_vars)
     stats = nnx.as_pure(stats)
-    rest = nnx.as_pure(rest)  # other mutable state (e.g. RNG counters) is not carried over
+    rest = nnx.as_pure(rest)  # RNG streams are reseeded per part; other mutable state is not carried over
     opt_state = nnx.as_pure(optimizer.opt_state)
+    streams = _stream_names(model)
 
-    def loss(p, part, batch_stats):
-      model = nnx.merge(graphdef, p, batch_stats, rest)
+    def loss(p, wrapped, carry):
+      part, index = wrapped
+      model = nnx.merge(graphdef, p, plan.stats_in(carry), rest)
+      if streams:
+        nnx.reseed(model, **_stream_keys(key, _part_index(index), streams))
       value = loss_fn(model, part)
-      return value if bn_update == "none" else (value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
+      return plan.loss_out(value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
 
     gradients = bo.perturbation_gradients(loss, bo.bsam_rule(), **options)
-    grads, args, info = gradients(params, opt_state, batch, key, stats)
+    grads, args, info = gradients(params, opt_state, _with_index(batch, axis_name, mesh), key, plan.carry(stats))
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
     optimizer.update(model, _as_variables(param_vars, grads), **args)
-    if info.aux is not None:
-      nnx.update(model, info.aux)
-    return info._replace(aux=None)
+    new_stats, info = plan.results(info, axis_name, mesh)
+    if new_stats is not None:
+      nnx.update(model, new_stats)
+    return info
 
-  return nnx.jit(step) if jit else step
+  compiled = nnx.jit(step) if jit else step
+  checked = []
+
+  @functools.wraps(step)
+  def checked_step(model, optimizer, batch, key):
+    if not isinstance(model, nnx.Module):
+      raise TypeError(
+        f"model must be an nnx.Module, got {type(model).__name__}; call step(model, optimizer, batch, key)"
+      )
+    _check_optimizer(optimizer)
+    _check_key_and_batch(batch, key, "step(model, optimizer, batch, key)")
+    if not checked:
+      _check_n_data(nnx.as_pure(optimizer.opt_state), batch)
+      checked.append(True)
+    return compiled(model, optimizer, batch, key)
+
+  return checked_step
+
+
+def _nnx_parts(model, optimizer):
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+  _check_optimizer(optimizer)
+  graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+  return graphdef, nnx.as_pure(params), nnx.as_pure(rest), nnx.as_pure(optimizer.opt_state)
+
+
+def nnx_posterior(model: nnx.Module, optimizer: nnx.Optimizer):
+  """``(mean, std)`` of the learned posterior of an NNX model, as pure ``nnx.State`` s of the ``wrt`` params.
+
+  :func:`bsam_optax.posterior` on ``nnx.as_pure(nnx.state(model, optimizer.wrt))`` and
+  ``nnx.as_pure(optimizer.opt_state)``; ``std = 1 / sqrt(N s)`` for bSAM.
+
+  Example:
+    >>> import jax.numpy as jnp, bsam_optax as bo
+    >>> from flax import nnx
+    >>> from bsam_optax.flax import nnx_posterior
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, bo.bsam(1e-2, n_data=100), wrt=nnx.Param)
+    >>> mean, std = nnx_posterior(model, optimizer)
+    >>> float(std["kernel"][0, 0])  # 1 / sqrt(N s) with s = init_scale = 1
+    0.1
+  """
+  _, params, _, opt_state = _nnx_parts(model, optimizer)
+  return bo.posterior(params, opt_state)
+
+
+def nnx_sample_posterior(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array, num_samples: int, **kwargs):
+  """``num_samples`` draws θ_j ~ N(ω, 1/(N s)) of an NNX model's params (a pure ``nnx.State``, leading axis S).
+
+  Sample ``j`` is that of :func:`bsam_optax.sample_posterior` (``fold_in(key, j)``);
+  ``nnx.merge(graphdef, jax.tree.map(lambda x: x[j], samples), rest)`` rebuilds model ``j``.
+  ``**kwargs`` go to :func:`bsam_optax.sample_posterior` (e.g. ``temperature``).
+  """
+  _, params, _, opt_state = _nnx_parts(model, optimizer)
+  return bo.sample_posterior(key, params, opt_state, num_samples, **kwargs)
+
+
+def _nnx_apply(graphdef, rest, batch_stats, bn_inputs):
+  def build(params, stats=None):
+    model = nnx.merge(graphdef, params, rest)
+    if stats is not None:
+      nnx.update(model, stats)
+    return model
+
+  if batch_stats == "mean":
+
+    def apply(params, x):
+      model = build(params)
+      model.eval()
+      return model(x)
+
+    return apply
+
+  def apply(params, x):
+    running = nnx.as_pure(nnx.state(build(params), nnx.BatchStat))
+
+    def stats_of(inputs):
+      def run(start):
+        model = build(params, start)
+        model.train()
+        model(inputs)
+        return nnx.as_pure(nnx.state(model, nnx.BatchStat))
+
+      return _recomputed(run, running)
+
+    model = build(params, _average_over_batches(stats_of, bn_inputs))
+    model.eval()
+    return model(x)
+
+  return apply
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "batch_stats", "kwargs"))
+def _nnx_predictive(graphdef, params, rest, opt_state, key, inputs, bn_inputs, num_samples, batch_stats, kwargs):
+  apply = _nnx_apply(graphdef, rest, batch_stats, bn_inputs)
+  return bo.predictive(apply, key, params, opt_state, inputs, num_samples, **dict(kwargs))
+
+
+def nnx_predictive(
+  model: nnx.Module,
+  optimizer: nnx.Optimizer,
+  key: jax.Array,
+  inputs,
+  num_samples: int = 32,
+  *,
+  batch_stats: Literal["mean", "recompute"] = "mean",
+  bn_inputs=None,
+  **kwargs,
+) -> jax.Array:
+  """The model average ``1/S Σ_j softmax(model_θ_j(inputs))`` of an NNX model, θ_j ~ N(ω, 1/(N s)), compiled.
+
+  Each sample is the model rebuilt with ``nnx.merge`` from its parameters and
+  the model's other state, in evaluation mode (``model.eval()``); the model
+  passed in is not changed.
+
+  Args:
+    model: the trained model (ω).
+    optimizer: its ``nnx.Optimizer`` holding :func:`bsam_optax.bsam`'s state.
+    key: a PRNG key; sample ``j`` uses ``fold_in(key, j)``.
+    inputs: what the model takes.
+    num_samples: S.
+    batch_stats: BatchNorm statistics of each sample: ``"mean"``, the running
+      statistics of ω; ``"recompute"``, re-estimated for every θ_j as the
+      average of the training-mode batch statistics on ``bn_inputs`` (as SWAG
+      does), which keeps the model average calibrated.
+    bn_inputs: with ``"recompute"``, a few training batches of inputs,
+      stacked: shape ``(K, B, ...)``.
+    **kwargs: passed to :func:`bsam_optax.predictive` (``chunk_size``,
+      ``link``, ``temperature``).
+
+  Returns:
+    The averaged probabilities (or ``link`` outputs).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> from flax import nnx
+    >>> from bsam_optax.flax import nnx_predictive
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, bo.bsam(1e-2, n_data=100), wrt=nnx.Param)
+    >>> nnx_predictive(model, optimizer, jax.random.key(0), jnp.ones((5, 3)), num_samples=4).shape
+    (5, 2)
+  """
+  _check_batch_stats_option(batch_stats, bn_inputs)
+  graphdef, params, rest, opt_state = _nnx_parts(model, optimizer)
+  for name, value in kwargs.items():
+    if name not in inspect.signature(bo.predictive).parameters:
+      raise TypeError(f"nnx_predictive got an unexpected keyword argument {name!r}")
+    try:
+      hash(value)
+    except TypeError as err:
+      raise TypeError(f"{name}= must be hashable (a number or a function), got {type(value).__name__}") from err
+  return _nnx_predictive(
+    graphdef,
+    params,
+    rest,
+    opt_state,
+    key,
+    inputs,
+    bn_inputs,
+    num_samples=num_samples,
+    batch_stats=batch_stats,
+    kwargs=tuple(sorted(kwargs.items())),
+  )
