@@ -17,6 +17,10 @@ from bsam_optax._data import Split
 from bsam_optax._data import epoch_batches
 from bsam_optax._data import iterate_batches
 from bsam_optax._data import load_dataset
+from bsam_optax._fisher_sam import fisher_sam_perturbed_params
+from bsam_optax._mfvi import MFVIState
+from bsam_optax._mfvi import mfvi
+from bsam_optax._mfvi import mfvi_sample
 from bsam_optax._noise import hash_prng_impl
 from bsam_optax._posterior import find_posterior_state
 from bsam_optax._posterior import posterior
@@ -37,6 +41,10 @@ from bsam_optax._step import StepInfo
 from bsam_optax._step import StepOptions
 from bsam_optax._step import make_perturbation_step
 from bsam_optax._step import perturbation_gradients
+from bsam_optax._vsam import VSAMState
+from bsam_optax._vsam import vsam
+from bsam_optax._vsam import vsam_perturbation
+from bsam_optax._vsam import vsam_perturbed_params
 
 __version__ = "0.1.0"
 
@@ -44,10 +52,12 @@ __all__ = [
   "BSAMState",
   "Checkpoint",
   "Dataset",
+  "MFVIState",
   "PerturbationRule",
   "Split",
   "StepInfo",
   "StepOptions",
+  "VSAMState",
   "asam_perturbed_params",
   "asam_rule",
   "asam_step",
@@ -58,10 +68,13 @@ __all__ = [
   "epoch_batches",
   "find_bsam_state",
   "find_posterior_state",
+  "fisher_sam_perturbed_params",
   "hash_prng_impl",
   "iterate_batches",
   "load_dataset",
   "make_perturbation_step",
+  "mfvi",
+  "mfvi_sample",
   "noisy_params",
   "perturbation_gradients",
   "perturbed_params",
@@ -78,4 +91,7 @@ __all__ = [
   "save_checkpoint",
   "scale_by_bsam",
   "select_temperature",
+  "vsam",
+  "vsam_perturbation",
+  "vsam_perturbed_params",
 ]
