@@ -168,7 +168,7 @@ def vsam(
     num_params = _num_params(params)
     std = _SAM_RHO / math.sqrt(max(num_params, 1)) if init_std is None else init_std
     if max_std is not None:
-      std = min(std, max_std)
+      std = jnp.minimum(std, max_std)  # hyper-parameters may be traced arrays (vmapped grids)
     zeros, log_std = _mfvi._init_gaussian(params, std)
     count = jnp.zeros([], jnp.int32)
     return VSAMState(count, zeros, zeros, log_std, zeros, zeros, rho_at(count, num_params))
