@@ -32,14 +32,14 @@ samples of ``N(μ, Σ)`` concentrate (its Sec. 4.1), and initializes
 ``init_std=None``).
 
 Σ growth. The seed reports (Sec. 6) that Σ grows during training until the
-Taylor approximation fails: in Eq. 56 the data term's λ-gradient
-``g ⊙ ε`` vanishes with the gradient near a minimum, and the KL term alone
-pulls σ² to the prior variance 1 / (N δ). Two options act on this:
-``max_std`` bounds σ (clipping λ after each update), and
-``log_std_grads="perturbed"`` takes Σ's gradient at the perturbed point,
-``g_ε ⊙ ε`` (Danskin's gradient of ``ℓ(μ + Σ^½ u*)`` with respect to λ, the
-choice SAM makes for μ), whose expansion ``(g + H ε) ⊙ ε`` keeps the
-curvature term ``H ε ⊙ ε`` that Eq. 56 drops.
+Taylor approximation fails; it does here too (``benchmarks/results/vsam_sigma.md``).
+ε is a single direction, so the data term's λ-gradient ``g ⊙ ε`` is of order
+``σ ‖g‖ / sqrt(P)`` per coordinate, far below the KL's ``1 / N``: σ grows to
+the prior's σ0 = 1 / sqrt(N δ), ‖ε‖ with it, and the loss at μ rises. Taking
+Σ's gradient at the perturbed point (``g_ε ⊙ ε``, which keeps a curvature
+term) did not stop it (measured, not kept). ``max_std`` bounds σ; with the
+bound σ sits at it everywhere, and VSAM becomes SAM with radius
+``ρ max_std`` in the Euclidean norm.
 
 References:
   Ujváry et al., `Rethinking Sharpness-Aware Minimization as Variational
