@@ -18,9 +18,14 @@ from bsam_optax._data import epoch_batches
 from bsam_optax._data import iterate_batches
 from bsam_optax._data import load_dataset
 from bsam_optax._fisher_sam import fisher_sam_perturbed_params
+from bsam_optax._fisher_sam import fisher_sam_rule
+from bsam_optax._fisher_sam import fisher_sam_step
 from bsam_optax._mfvi import MFVIState
 from bsam_optax._mfvi import mfvi
+from bsam_optax._mfvi import mfvi_rule
 from bsam_optax._mfvi import mfvi_sample
+from bsam_optax._mfvi import mfvi_step
+from bsam_optax._mfvi import scale_by_mfvi
 from bsam_optax._noise import hash_prng_impl
 from bsam_optax._posterior import find_posterior_state
 from bsam_optax._posterior import posterior
@@ -42,9 +47,12 @@ from bsam_optax._step import StepOptions
 from bsam_optax._step import make_perturbation_step
 from bsam_optax._step import perturbation_gradients
 from bsam_optax._vsam import VSAMState
+from bsam_optax._vsam import scale_by_vsam
 from bsam_optax._vsam import vsam
 from bsam_optax._vsam import vsam_perturbation
 from bsam_optax._vsam import vsam_perturbed_params
+from bsam_optax._vsam import vsam_rule
+from bsam_optax._vsam import vsam_step
 
 __version__ = "0.1.0"
 
@@ -69,12 +77,16 @@ __all__ = [
   "find_bsam_state",
   "find_posterior_state",
   "fisher_sam_perturbed_params",
+  "fisher_sam_rule",
+  "fisher_sam_step",
   "hash_prng_impl",
   "iterate_batches",
   "load_dataset",
   "make_perturbation_step",
   "mfvi",
+  "mfvi_rule",
   "mfvi_sample",
+  "mfvi_step",
   "noisy_params",
   "perturbation_gradients",
   "perturbed_params",
@@ -90,8 +102,12 @@ __all__ = [
   "sample_posterior",
   "save_checkpoint",
   "scale_by_bsam",
+  "scale_by_mfvi",
+  "scale_by_vsam",
   "select_temperature",
   "vsam",
   "vsam_perturbation",
   "vsam_perturbed_params",
+  "vsam_rule",
+  "vsam_step",
 ]

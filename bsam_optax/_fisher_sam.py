@@ -30,11 +30,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from bsam_optax import _step
+from bsam_optax._checks import check_nonnegative
+from bsam_optax._checks import check_positive
 
 Params = Any
 Updates = Any
 
-__all__ = ["fisher_sam_perturbed_params"]
+__all__ = ["fisher_sam_perturbed_params", "fisher_sam_rule", "fisher_sam_step"]
 
 
 def _f32(x):
@@ -61,3 +66,64 @@ def fisher_sam_perturbed_params(params: Params, grads: Updates, *, rho, eta, eps
   )
   scale = rho / (norm + eps)
   return jax.tree.map(lambda w, i, g: (w + scale * i * g).astype(jnp.result_type(w)), params, inv_f, g32)
+
+
+def fisher_sam_rule(*, rho, eta=1.0, eps: float = 1e-12) -> _step.PerturbationRule:
+  """Fisher SAM as a :class:`~bsam_optax.PerturbationRule`: the second point ``ω + ρ (g / f) / sqrt(Σ g² / f)``.
+
+  Args:
+    rho: γ, the radius of ``εᵀ f ε ≤ γ²`` (``>= 0``).
+    eta: η, the weight of g² in the diagonal Fisher ``f = 1 + η g²`` (``>= 0``).
+    eps: added to the denominator.
+  """
+  check_nonnegative("rho", rho)
+  check_nonnegative("eta", eta)
+  check_positive("eps", eps)
+  return _step.PerturbationRule(
+    second_point=lambda params, opt_state, grads: fisher_sam_perturbed_params(params, grads, rho=rho, eta=eta, eps=eps)
+  )
+
+
+def fisher_sam_step(loss_fn, tx: optax.GradientTransformation, *, rho, eta=1.0, eps: float = 1e-12, **options):
+  """The compiled Fisher SAM step (Kim et al.) with any optax outer optimizer.
+
+  For each of the ``m`` parts of the batch (and of every device)::
+
+    g_i   = ∇ loss_fn(ω, part_i)
+    f_i   = 1 + η g_i²                        # elementwise: the diagonal Fisher
+    ε_i   = ρ (g_i / f_i) / sqrt(Σ g_i² / f_i)
+    g_ε,i = ∇ loss_fn(ω + ε_i, part_i)
+
+  then ``tx.update(mean_i g_ε,i, opt_state, ω)``, like :func:`~bsam_optax.sam_step`
+  (η = 0 is SAM). It is :func:`~bsam_optax.make_perturbation_step` with
+  :func:`fisher_sam_rule`.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *loss_args) -> loss`` (a mean over the
+      batch), or ``-> (loss, aux)`` with ``has_aux=True``.
+    tx: any optax transformation, applied to the averaged perturbed gradient.
+    rho: γ, the radius (``>= 0``); Kim et al. and Ujváry et al. (Table 4) use 0.1.
+    eta: η (``>= 0``); they use 1.
+    eps: added to the denominator.
+    **options: the fields of :class:`~bsam_optax.StepOptions` (``m``,
+      ``axis_name``, ``mesh``, ``has_aux``, ``aux_from``, ``aux_reduce``,
+      ``thread_aux``, ``split``, ``donate``).
+
+  Returns:
+    ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state,
+    info)`` as for :func:`~bsam_optax.sam_step`; ``key`` is unused.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, bsam_optax as bo
+    >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}
+    >>> tx = optax.sgd(1e-2, momentum=0.9)
+    >>> step = bo.fisher_sam_step(loss_fn, tx, rho=0.1, eta=1.0, m=2)
+    >>> params, state, info = step(params, tx.init(params), batch, jax.random.key(0))
+
+  References:
+    Kim, Li, Hu & Hospedales, `Fisher SAM: Information Geometry and Sharpness
+    Aware Minimisation <https://arxiv.org/abs/2206.04920>`_, ICML 2022.
+  """
+  return _step.make_perturbation_step(loss_fn, tx, fisher_sam_rule(rho=rho, eta=eta, eps=eps), **options)

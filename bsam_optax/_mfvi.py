@@ -22,11 +22,14 @@ Adam makes one learning rate fit both. For a quadratic loss with Hessian H the
 stationary point is the mean-field optimum ``σ² = 1 / (N (H_ii + δ))``, the
 inverse diagonal of the exact posterior precision (tested).
 
-:func:`mfvi` is the update; :func:`mfvi_sample` draws the first point; and
-:func:`bsam_optax.mfvi_step` is the whole compiled step (with m-sharpness-style
-parts, each with its own draw, and devices). The posterior ``N(μ, σ²)`` works
-with :func:`bsam_optax.posterior`, :func:`bsam_optax.sample_posterior` and
-:func:`bsam_optax.predictive` through :meth:`MFVIState.posterior_std`.
+:func:`scale_by_mfvi` is the rule (the Adam direction of μ, and λ's step in
+its state), :func:`mfvi` chains it with the learning rate as optax's own
+optimizers do; :func:`mfvi_sample` draws the first point, :func:`mfvi_rule` is
+the method as a :class:`~bsam_optax.PerturbationRule`, and :func:`mfvi_step`
+the whole compiled step (``m`` parts, each with its own draw, and devices:
+the gradients are averaged over ``m`` samples). The posterior ``N(μ, σ²)``
+works with :func:`bsam_optax.posterior`, :func:`bsam_optax.sample_posterior`
+and :func:`bsam_optax.predictive` through :meth:`MFVIState.posterior_std`.
 
 References:
   Ujváry et al., `Rethinking Sharpness-Aware Minimization as Variational
@@ -42,17 +45,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bsam_optax import _noise
+from bsam_optax import _posterior
+from bsam_optax import _step
+from bsam_optax._checks import check_decay
+from bsam_optax._checks import check_nonnegative
+from bsam_optax._checks import check_positive
 
 Params = Any
 Updates = Any
 ScalarOrSchedule = optax.ScalarOrSchedule
 
-__all__ = ["MFVIState", "mfvi", "mfvi_sample"]
+__all__ = ["MFVIState", "mfvi", "mfvi_rule", "mfvi_sample", "mfvi_step", "scale_by_mfvi"]
 
 
 class MFVIState(NamedTuple):
-  """State of :func:`mfvi`: Adam moments of the mean μ and of λ = log σ, and λ itself."""
+  """State of :func:`scale_by_mfvi`: Adam moments of the mean μ and of λ = log σ, and λ itself."""
 
   count: jax.Array  # shape (), int32: number of updates so far
   mean_m: Updates  # Adam's first moment of g_μ
@@ -64,25 +71,6 @@ class MFVIState(NamedTuple):
   def posterior_std(self):
     """σ = exp(λ), the posterior standard deviation (``optax.MaskedNode`` where masked)."""
     return jax.tree.map(jnp.exp, self.log_std)
-
-
-def _is_python_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_number(name, value, *, positive=False, nonnegative=False, unit=False, schedule=False) -> None:
-  # Python numbers are checked; arrays (e.g. traced by inject_hyperparams) pass through.
-  if value is None or isinstance(value, (str, bool)) or (callable(value) and not schedule):
-    kind = "a number or a schedule" if schedule else "a number"
-    raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-  if not _is_python_number(value):
-    return
-  if positive and not value > 0:
-    raise ValueError(f"{name} must be > 0, got {value}")
-  if nonnegative and not value >= 0:
-    raise ValueError(f"{name} must be >= 0, got {value}")
-  if unit and not 0.0 <= value < 1.0:
-    raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
 def _check_params(params, method: str) -> None:
@@ -99,6 +87,17 @@ def _state_dtype(x):
 
 def _value_at(value, count):
   return value(count) if callable(value) else value
+
+
+def _check_gaussian(n_data, weight_decay, init_std, std_learning_rate, b1, b2, eps) -> None:
+  check_positive("n_data", n_data)
+  check_positive("weight_decay", weight_decay)
+  if init_std is not None:
+    check_positive("init_std", init_std)
+  check_nonnegative("std_learning_rate", std_learning_rate, schedule=True)
+  check_decay("b1", b1)
+  check_decay("b2", b2)
+  check_nonnegative("eps", eps)
 
 
 def _adam_moments(m, v, g, b1, b2):
@@ -120,25 +119,12 @@ def _init_gaussian(params, init_std):
   return zeros, log_std
 
 
-def _gaussian_adam_update(
-  state,
-  grads,
-  log_std_grads,
-  params,
-  *,
-  learning_rate,
-  std_learning_rate,
-  n_data,
-  weight_decay,
-  b1,
-  b2,
-  eps,
-  max_std=None,
-):
-  """The shared Adam update of (μ, λ) for a diagonal Gaussian with prior N(0, 1 / (N δ)).
+def _gaussian_adam_update(state, grads, log_std_grads, params, *, std_learning_rate, n_data, weight_decay, b1, b2, eps):
+  """The shared Adam step of a diagonal Gaussian with prior N(0, 1 / (N δ)).
 
-  Returns ``(updates, count, mean_m, mean_v, log_std, log_std_m, log_std_v)``;
-  ``updates`` is ``-α Adam(g_μ)`` in the dtypes of ``params``.
+  Returns ``(direction, count, mean_m, mean_v, log_std, log_std_m, log_std_v)``:
+  ``direction`` is ``Adam(g + δ μ)`` (to be scaled by ``-α``) in the dtypes of
+  ``params``; λ has taken its step ``-α_σ Adam(log_std_grads + δ σ² − 1 / N)``.
   """
   count = optax.safe_increment(state.count)
   std = state.posterior_std()
@@ -148,17 +134,64 @@ def _gaussian_adam_update(
   )
   mean_m, mean_v = _adam_moments(state.mean_m, state.mean_v, g_mean, b1, b2)
   log_std_m, log_std_v = _adam_moments(state.log_std_m, state.log_std_v, g_log_std, b1, b2)
-  lr = _value_at(learning_rate, state.count)
-  lr_std = lr if std_learning_rate is None else _value_at(std_learning_rate, state.count)
-  updates = jax.tree.map(
-    lambda d, w: (-lr * d).astype(jnp.result_type(w)), _adam_direction(mean_m, mean_v, count, b1, b2, eps), params
+  direction = jax.tree.map(
+    lambda d, w: d.astype(jnp.result_type(w)), _adam_direction(mean_m, mean_v, count, b1, b2, eps), params
   )
+  lr_std = _value_at(std_learning_rate, state.count)
   log_std = jax.tree.map(
     lambda ls, d: ls - lr_std * d, state.log_std, _adam_direction(log_std_m, log_std_v, count, b1, b2, eps)
   )
-  if max_std is not None:
-    log_std = jax.tree.map(lambda ls: jnp.minimum(ls, jnp.log(max_std)), log_std)
-  return updates, count, mean_m, mean_v, log_std, log_std_m, log_std_v
+  return direction, count, mean_m, mean_v, log_std, log_std_m, log_std_v
+
+
+def scale_by_mfvi(
+  n_data: float,
+  *,
+  std_learning_rate: ScalarOrSchedule,
+  weight_decay: float = 1e-4,
+  init_std: float = 1e-2,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""MFVI's rule: the Adam direction of the mean's gradient ``g + δ μ``; λ = log σ steps in the state.
+
+  ``update(grads, state, params, log_std_grads=...)`` takes ``g = ∇ℓ(θ)`` at
+  ``θ = μ + σ z`` and ``log_std_grads = g ⊙ (θ − μ)``, and returns
+  ``Adam(g + δ μ)``; chain it with ``optax.scale_by_learning_rate`` (as
+  :func:`mfvi` does). Args as for :func:`mfvi`; ``std_learning_rate`` is required.
+  """
+  _check_gaussian(n_data, weight_decay, init_std, std_learning_rate, b1, b2, eps)
+
+  def init_fn(params):
+    _check_params(params, "mfvi")
+    zeros, log_std = _init_gaussian(params, init_std)
+    return MFVIState(jnp.zeros([], jnp.int32), zeros, zeros, log_std, zeros, zeros)
+
+  def update_fn(updates, state, params=None, *, log_std_grads=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError("mfvi needs params (the mean μ) in update(..., params)")
+    if log_std_grads is None:
+      raise ValueError(
+        "mfvi's update needs log_std_grads=, the product g ⊙ (θ − μ) of the gradient at the sample "
+        "θ = mfvi_sample(...) and θ − μ; call tx.update(grads, state, params, log_std_grads=...) or use mfvi_step"
+      )
+    direction, *new = _gaussian_adam_update(
+      state,
+      updates,
+      log_std_grads,
+      params,
+      std_learning_rate=std_learning_rate,
+      n_data=n_data,
+      weight_decay=weight_decay,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+    )
+    return direction, MFVIState(*new)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def mfvi(
@@ -185,6 +218,7 @@ def mfvi(
     g_λ = g ⊙ (θ − μ) + δ σ² − 1 / N      # ∂/∂log σ of the same
     μ ← μ − α Adam(g_μ),   λ ← λ − α_σ Adam(g_λ)
 
+  It is :func:`scale_by_mfvi` chained with ``optax.scale_by_learning_rate``.
   The posterior ``N(μ, σ²)``, σ = exp(λ), is read by
   :func:`bsam_optax.posterior` and sampled by :func:`bsam_optax.sample_posterior`.
 
@@ -202,7 +236,7 @@ def mfvi(
     eps: Adam's ε.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs` with state :class:`MFVIState`.
+    An :class:`optax.GradientTransformationExtraArgs`; its state holds an :class:`MFVIState`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, bsam_optax as bo
@@ -215,83 +249,30 @@ def mfvi(
     >>> log_std_grads = jax.tree.map(lambda g, t, w: g * (t - w), g, theta, params)
     >>> updates, state = tx.update(g, state, params, log_std_grads=log_std_grads)
     >>> params = optax.apply_updates(params, updates)
+    >>> mean, std = bo.posterior(params, state)
 
   References:
     Ujváry et al., `Rethinking Sharpness-Aware Minimization as Variational
     Inference <https://arxiv.org/abs/2210.10452>`_, 2022 (Alg. 1, Eq. 52).
   """
-  _check_number("learning_rate", learning_rate, nonnegative=True, schedule=True)
-  _check_number("n_data", n_data, positive=True)
-  _check_number("weight_decay", weight_decay, positive=True)
-  _check_number("init_std", init_std, positive=True)
-  if std_learning_rate is not None:
-    _check_number("std_learning_rate", std_learning_rate, nonnegative=True, schedule=True)
-  _check_number("b1", b1, unit=True)
-  _check_number("b2", b2, unit=True)
-  _check_number("eps", eps, nonnegative=True)
-
-  def init_fn(params):
-    _check_params(params, "mfvi")
-    zeros, log_std = _init_gaussian(params, init_std)
-    return MFVIState(
-      count=jnp.zeros([], jnp.int32),
-      mean_m=zeros,
-      mean_v=zeros,
-      log_std=log_std,
-      log_std_m=zeros,
-      log_std_v=zeros,
-    )
-
-  def update_fn(updates, state, params=None, *, log_std_grads=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("mfvi needs params (the mean μ) in update(..., params)")
-    if log_std_grads is None:
-      raise ValueError(
-        "mfvi's update needs log_std_grads=, the product g ⊙ (θ − μ) of the gradient at the sample "
-        "θ = mfvi_sample(...) and θ − μ; call tx.update(grads, state, params, log_std_grads=...) or use mfvi_step"
-      )
-    new_updates, count, mean_m, mean_v, log_std, log_std_m, log_std_v = _gaussian_adam_update(
-      state,
-      updates,
-      log_std_grads,
-      params,
-      learning_rate=learning_rate,
-      std_learning_rate=std_learning_rate,
-      n_data=n_data,
+  check_nonnegative("learning_rate", learning_rate, schedule=True)
+  return optax.chain(
+    scale_by_mfvi(
+      n_data,
+      std_learning_rate=learning_rate if std_learning_rate is None else std_learning_rate,
       weight_decay=weight_decay,
+      init_std=init_std,
       b1=b1,
       b2=b2,
       eps=eps,
-    )
-    return new_updates, MFVIState(count, mean_m, mean_v, log_std, log_std_m, log_std_v)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def find_state(opt_state, state_type, method: str):
-  """Finds the one ``state_type`` inside any optax state (chains, wrappers), by type."""
-  if isinstance(opt_state, state_type):
-    return opt_state
-  found = [
-    x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type)) if isinstance(x, state_type)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f"opt_state must contain exactly one {state_type.__name__} (the state of bsam_optax.{method}), "
-      f"found {len(found)}; did you pass the state of tx.init(params) for a tx that contains {method}?"
-    )
-  return found[0]
-
-
-def _map_unmasked(fn, state_tree, *trees):
-  """``jax.tree.map(fn, state_tree, *trees)``, returning ``trees[0]``'s leaf where optax.masked masked it."""
-  return jax.tree.map(
-    lambda s, *xs: xs[0] if isinstance(s, optax.MaskedNode) else fn(s, *xs),
-    state_tree,
-    *trees,
-    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    ),
+    optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def find_mfvi_state(opt_state) -> MFVIState:
+  """The one :class:`MFVIState` inside any optax state (chains, wrappers), by type."""
+  return _posterior.find_state(opt_state, lambda x: isinstance(x, MFVIState), "MFVIState (the state of mfvi)")
 
 
 def mfvi_sample(key: jax.Array, params: Params, opt_state, *, noise: str = "auto") -> Params:
@@ -301,12 +282,67 @@ def mfvi_sample(key: jax.Array, params: Params, opt_state, *, noise: str = "auto
     key: a PRNG key; the only source of randomness.
     params: μ, the posterior mean.
     opt_state: the state of a transformation containing one :func:`mfvi`.
-    noise: the generator, as in :func:`bsam_optax._noise.normal_like`.
+    noise: ``"auto"`` (the library's generator) or ``"jax"``
+      (``jax.random.normal``'s stream for ``key``).
 
   Returns:
     θ, with the structure and dtypes of ``params`` (masked leaves are μ).
   """
-  state = find_state(opt_state, MFVIState, "mfvi")
-  z = _noise.normal_like(key, params)
-  del noise
-  return _map_unmasked(lambda ls, w, z: (w + jnp.exp(ls) * z).astype(jnp.result_type(w)), state.log_std, params, z)
+  return _posterior.gaussian_params(key, params, find_mfvi_state(opt_state), noise=noise)
+
+
+def _log_std_grads(params, opt_state, x, g) -> dict:
+  del opt_state
+  return {"log_std_grads": jax.tree.map(lambda g, x, w: g * (x - w).astype(g.dtype), g, x, params)}
+
+
+def mfvi_rule(*, noise: str = "auto") -> _step.PerturbationRule:
+  """MFVI as a :class:`~bsam_optax.PerturbationRule`: one gradient at θ = μ + σ z, and ``log_std_grads=g ⊙ (θ − μ)``.
+
+  Args:
+    noise: the generator of z, see :func:`mfvi_sample`.
+  """
+  return _step.PerturbationRule(
+    first_point=lambda key, params, opt_state: mfvi_sample(key, params, opt_state, noise=noise),
+    update_args=_log_std_grads,
+  )
+
+
+def mfvi_step(loss_fn, tx: optax.GradientTransformation, *, noise: str = "auto", **options):
+  """The compiled MFVI step: one reparameterization gradient per part, averaged over parts and devices.
+
+  For each of the ``m`` parts of the batch (and of every device)::
+
+    θ_i = μ + σ z_i                      # z_i from fold_in(key, part_index)
+    g_i = ∇ loss_fn(θ_i, part_i)
+
+  then ``tx.update(mean_i g_i, state, μ, log_std_grads=mean_i g_i ⊙ (θ_i − μ))``:
+  ``m`` Monte-Carlo samples of the ELBO's gradient, one per part. ``tx`` may
+  be any optax pipeline containing one :func:`mfvi`. It is
+  :func:`~bsam_optax.make_perturbation_step` with :func:`mfvi_rule`.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *loss_args) -> loss`` (a mean over the
+      batch), or ``-> (loss, aux)`` with ``has_aux=True``.
+    tx: an optax transformation containing :func:`mfvi`.
+    noise: the generator of z, see :func:`mfvi_sample`.
+    **options: the fields of :class:`~bsam_optax.StepOptions` (``m``,
+      ``axis_name``, ``mesh``, ``has_aux``, ``aux_from``, ``aux_reduce``,
+      ``thread_aux``, ``split``, ``donate``).
+
+  Returns:
+    ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state,
+    info)``; ``info.loss`` and ``info.second_loss`` are both the mean loss at
+    the samples θ_i.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}
+    >>> tx = bo.mfvi(1e-2, n_data=8)
+    >>> step = bo.mfvi_step(loss_fn, tx, m=2)
+    >>> params, state, info = step(params, tx.init(params), batch, jax.random.key(0))
+    >>> mean, std = bo.posterior(params, state)
+  """
+  return _step.make_perturbation_step(loss_fn, tx, mfvi_rule(noise=noise), **options)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import bsam_optax as bo
+
 
 def parabola(dtype=jnp.float32):
   initial = jnp.array([-1.0, 10.0, 1.0], dtype=dtype)
@@ -69,7 +71,7 @@ def multisteps_accumulates(factory, kwargs, extra, dtype):
     updates, state = jax.jit(functools.partial(tx.update, **extra(grads)))(grads, state, params)
     if i < 3:
       chex.assert_trees_all_equal(updates, jnp.zeros_like(grads))
-  assert int(state.inner_opt_state.count) == 1
+  assert int(bo.find_posterior_state(state.inner_opt_state).count) == 1
   assert bool(jnp.any(updates != 0))
 
 

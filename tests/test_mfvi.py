@@ -5,6 +5,7 @@ seed's Eq. 52-53 in float64; they share no code with the library.
 """
 
 import _optax_contract as contract
+import _step_checks as checks
 import chex
 import jax
 import jax.numpy as jnp
@@ -63,8 +64,8 @@ def test_update_matches_numpy(std_learning_rate):
     updates, state = jax.jit(tx.update)(jnp.asarray(g), state, params, log_std_grads=jnp.asarray(gs))
     params = optax.apply_updates(params, updates)
     np.testing.assert_allclose(params, mu_want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.posterior_std(), std_want, rtol=1e-5)
-  assert int(state.count) == 4
+    np.testing.assert_allclose(bo.posterior(params, state)[1], std_want, rtol=1e-5)
+  assert int(bo.find_posterior_state(state).count) == 4
 
 
 def test_sample_is_mean_plus_std_times_noise():
@@ -123,7 +124,7 @@ def test_learned_std_is_the_mean_field_optimum():
 
   w0 = jnp.zeros(d)
   (w, state), _ = jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(steps)))((w0, tx.init(w0)))
-  np.testing.assert_allclose(state.posterior_std(), std_mean_field, rtol=0.03)
+  np.testing.assert_allclose(bo.posterior(w, state)[1], std_mean_field, rtol=0.03)
   np.testing.assert_allclose(w, mean_exact, atol=0.1 * std_mean_field.min())
 
 
@@ -158,6 +159,87 @@ def test_bad_update_inputs():
     tx.init(jnp.ones(2, jnp.int32))
   with pytest.raises(ValueError, match="MFVIState"):
     bo.mfvi_sample(jax.random.key(0), params, optax.adam(1e-3).init(params))
+
+
+# -- the step ------------------------------------------------------------------
+
+
+def _mfvi_tx():
+  return bo.mfvi(0.05, n_data=100, weight_decay=1e-3, init_std=0.1)
+
+
+def _make_step(tx, **options):
+  return bo.mfvi_step(checks.mlp_loss, tx, **options)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_step_matches_parts_written_out(m):
+  params, batch = checks.mlp_problem()
+  tx = _mfvi_tx()
+  state = tx.init(params)
+  key = jax.random.key(9)
+  p, s, info = _make_step(tx, m=m)(params, state, batch, key)
+  grads, log_std_grads, losses = [], [], []
+  for i, part in enumerate(checks.parts(batch, m)):
+    theta = bo.mfvi_sample(jax.random.fold_in(key, i), params, state)
+    loss, g = jax.value_and_grad(checks.mlp_loss)(theta, part)
+    grads.append(g)
+    log_std_grads.append(jax.tree.map(lambda g, t, w: g * (t - w), g, theta, params))
+    losses.append(loss)
+  updates, s_ref = tx.update(checks.mean(grads), state, params, log_std_grads=checks.mean(log_std_grads))
+  chex.assert_trees_all_close((p, s), (optax.apply_updates(params, updates), s_ref), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(info.loss, np.mean(losses), rtol=1e-5)
+  assert info.loss == info.second_loss
+
+
+def test_step_splits_agree():
+  checks.splits_agree(_make_step, _mfvi_tx())
+
+
+def test_pmap_equals_m_on_one_device():
+  checks.pmap_equals_m_on_one_device(_make_step, _mfvi_tx())
+
+
+def test_shard_map_equals_m_on_one_device():
+  checks.shard_map_equals_m_on_one_device(_make_step, _mfvi_tx())
+
+
+def test_step_learns_the_mean_field_optimum():
+  """Through mfvi_step: m parts, each the whole data set, are m Monte-Carlo samples of the ELBO's gradient."""
+  x, y = _bayes_linreg()
+  n, d = x.shape
+  delta, m, steps = 0.05, 8, 3000
+  precision = x.T.astype(np.float64) @ x + n * delta * np.eye(d)
+  loss = lambda w, b: 0.5 * jnp.mean((b["x"] @ w["w"] - b["y"]) ** 2)
+  batch = {"x": jnp.tile(x, (m, 1)), "y": jnp.tile(y, m)}
+  tx = bo.mfvi(optax.cosine_decay_schedule(3e-2, steps, alpha=1e-2), n_data=n, weight_decay=delta, init_std=0.3)
+  step = bo.mfvi_step(loss, tx, m=m)
+
+  def body(carry, i):
+    params, state, _ = step(*carry, batch, jax.random.fold_in(jax.random.key(1), i))
+    return (params, state), None
+
+  w0 = {"w": jnp.zeros(d)}
+  (w, state), _ = jax.jit(lambda c: jax.lax.scan(body, c, jnp.arange(steps)))((w0, tx.init(w0)))
+  mean, std = bo.posterior(w, state)
+  np.testing.assert_allclose(std["w"], 1.0 / np.sqrt(np.diag(precision)), rtol=0.03)
+  key = jax.random.key(0)
+  samples = bo.sample_posterior(key, w, state, 4)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda s: s[1], samples), bo.mfvi_sample(jax.random.fold_in(key, 1), w, state)
+  )
+
+
+def test_masked_mfvi_step():
+  params, batch = checks.mlp_problem()
+  mask = {"w1": True, "b1": False, "w2": True}
+  tx = optax.masked(_mfvi_tx(), mask, mask_compatible_extra_args=True)
+  state = tx.init(params)
+  new, state, _ = _make_step(tx, m=2)(params, state, batch, jax.random.key(0))
+  theta = bo.mfvi_sample(jax.random.key(1), new, state)  # masked leaves are point estimates
+  chex.assert_trees_all_equal(theta["b1"], new["b1"])
+  _, std = bo.posterior(new, state)
+  assert not np.any(np.asarray(std["b1"])) and np.all(np.asarray(std["w1"]) > 0)
 
 
 # -- optax's contract ---------------------------------------------------------
