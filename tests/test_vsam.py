@@ -7,6 +7,7 @@ Alg. 3 with Adam on (μ, λ = log σ) and the KL gradients of Eq. 56, in float64
 import math
 
 import _optax_contract as contract
+import _step_checks as checks
 import chex
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ def _flat(tree):
 
 def test_perturbation_matches_numpy_and_lies_on_the_ellipsoid():
   params = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.asarray(0.5)}
-  tx = bo.vsam(1e-2, n_data=10, rho=0.7, init_std=0.2)
+  tx = bo.scale_by_vsam(10, std_learning_rate=1e-2, rho=0.7, init_std=0.2)
   state = tx.init(params)
   # A non-constant Σ: set λ by hand.
   log_std = {"w": jnp.log(jnp.linspace(0.1, 0.6, 6).reshape(2, 3)), "b": jnp.log(jnp.asarray(0.3))}
@@ -51,8 +52,8 @@ def test_defaults_are_the_seeds():
   params = {"w": jnp.ones((4, 5)), "b": jnp.ones(5)}
   p = 25
   state = bo.vsam(1e-2, n_data=10).init(params)
-  np.testing.assert_allclose(state.rho, math.sqrt(p), rtol=1e-6)
-  np.testing.assert_allclose(_flat(state.posterior_std()), 0.05 / math.sqrt(p), rtol=1e-6)
+  np.testing.assert_allclose(bo.find_posterior_state(state).rho, math.sqrt(p), rtol=1e-6)
+  np.testing.assert_allclose(_flat(bo.posterior(params, state)[1]), 0.05 / math.sqrt(p), rtol=1e-6)
   grads = jax.tree.map(lambda w: jnp.linspace(-1, 1, w.size).reshape(w.shape), params)
   eps = bo.vsam_perturbation(params, state, grads)
   g = _flat(grads)
@@ -98,9 +99,9 @@ def test_alg3_step_matches_numpy(max_std):
     if max_std is not None:
       lam = np.minimum(lam, np.log(max_std))
     np.testing.assert_allclose(mu, mu_np, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.posterior_std(), np.exp(lam), rtol=1e-5)
+    np.testing.assert_allclose(bo.posterior(mu, state)[1], np.exp(lam), rtol=1e-5)
   if max_std is not None:
-    assert float(jnp.max(state.posterior_std())) <= max_std * (1 + 1e-6)
+    assert float(jnp.max(bo.posterior(mu, state)[1])) <= max_std * (1 + 1e-6)
 
 
 def test_rho_schedule_is_evaluated_at_the_count():
@@ -108,9 +109,9 @@ def test_rho_schedule_is_evaluated_at_the_count():
   tx = bo.vsam(1e-2, n_data=10, rho=schedule)
   params = jnp.ones(3)
   state = tx.init(params)
-  np.testing.assert_allclose(state.rho, 1.0)
+  np.testing.assert_allclose(bo.find_posterior_state(state).rho, 1.0)
   _, state = tx.update(params, state, params, log_std_grads=params)
-  np.testing.assert_allclose(state.rho, 2.0)
+  np.testing.assert_allclose(bo.find_posterior_state(state).rho, 2.0)
 
 
 def test_masked_leaves_are_not_perturbed():
@@ -122,7 +123,7 @@ def test_masked_leaves_are_not_perturbed():
   np.testing.assert_allclose(_flat(eps["w"]) @ (_flat(eps["w"]) / 0.25), 1.0, rtol=1e-5)
   # Default ρ counts the unmasked parameters only.
   state = optax.masked(bo.vsam(1e-2, n_data=10), {"w": True, "b": False}).init(params)
-  np.testing.assert_allclose(bo._vsam.find_vsam_state(state).rho, math.sqrt(3), rtol=1e-6)
+  np.testing.assert_allclose(bo.find_posterior_state(state).rho, math.sqrt(3), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +155,63 @@ def test_bad_update_inputs():
     tx.update(params, state, log_std_grads=params)
   with pytest.raises(ValueError, match="VSAMState"):
     bo.vsam_perturbation(params, optax.sgd(0.1).init(params), params)
+
+
+# -- the step ------------------------------------------------------------------
+
+
+def _vsam_tx():
+  return bo.vsam(0.05, n_data=100, rho=3.0, weight_decay=1e-3, init_std=0.1)
+
+
+def _make_step(tx, **options):
+  return bo.vsam_step(checks.mlp_loss, tx, **options)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_step_matches_parts_written_out(m):
+  params, batch = checks.mlp_problem()
+  tx = _vsam_tx()
+  state = tx.init(params)
+  p, s, info = _make_step(tx, m=m)(params, state, batch, jax.random.key(0))
+  grads, log_std_grads, losses = [], [], []
+  for part in checks.parts(batch, m):
+    g = jax.grad(checks.mlp_loss)(params, part)
+    eps = bo.vsam_perturbation(params, state, g)
+    loss, g_eps = jax.value_and_grad(checks.mlp_loss)(jax.tree.map(jnp.add, params, eps), part)
+    grads.append(g_eps)
+    log_std_grads.append(jax.tree.map(jnp.multiply, g, eps))
+    losses.append(loss)
+  updates, s_ref = tx.update(checks.mean(grads), state, params, log_std_grads=checks.mean(log_std_grads))
+  chex.assert_trees_all_close((p, s), (optax.apply_updates(params, updates), s_ref), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(info.second_loss, np.mean(losses), rtol=1e-5)
+  np.testing.assert_allclose(info.loss, checks.mlp_loss(params, batch), rtol=1e-5)
+
+
+def test_step_splits_agree():
+  checks.splits_agree(_make_step, _vsam_tx())
+
+
+def test_pmap_equals_m_on_one_device():
+  checks.pmap_equals_m_on_one_device(_make_step, _vsam_tx())
+
+
+def test_shard_map_equals_m_on_one_device():
+  checks.shard_map_equals_m_on_one_device(_make_step, _vsam_tx())
+
+
+def test_step_is_deterministic_and_trains():
+  params, batch = checks.mlp_problem(batch_size=64)
+  tx = bo.vsam(1e-2, n_data=64, weight_decay=1e-2, max_std=1e-2)
+  state = tx.init(params)
+  step = bo.vsam_step(checks.mlp_loss, tx, m=2)
+  again = step(params, state, batch, jax.random.key(1))
+  chex.assert_trees_all_equal(step(params, state, batch, jax.random.key(0))[:2], again[:2])
+  first = float(checks.mlp_loss(params, batch))
+  for i in range(100):
+    params, state, _ = step(params, state, batch, jax.random.key(i))
+  assert float(checks.mlp_loss(params, batch)) < 0.5 * first
+  assert step._cache_size() == 1
 
 
 # -- optax's contract ---------------------------------------------------------
