@@ -230,6 +230,24 @@ def test_step_learns_the_mean_field_optimum():
   )
 
 
+def test_posterior_tools_work_for_mfvi_and_vsam():
+  """One protocol: posterior, sample_posterior, predictive and select_temperature read MFVI's and VSAM's σ."""
+  params = {"w": jnp.array([[1.0, -1.0], [0.5, 2.0]])}
+  x = jax.random.normal(jax.random.key(0), (16, 2))
+  y = jnp.argmax(x @ params["w"], -1)
+  apply_fn = lambda p, x: x @ p["w"]
+  for tx in (bo.mfvi(1e-2, n_data=16, init_std=0.3), bo.vsam(1e-2, n_data=16, init_std=0.3)):
+    state = optax.chain(optax.clip(1.0), tx).init(params)
+    _, std = bo.posterior(params, state)
+    np.testing.assert_allclose(std["w"], 0.3, rtol=1e-6)
+    samples = bo.sample_posterior(jax.random.key(1), params, state, 8)
+    assert samples["w"].shape == (8, 2, 2)
+    probs = bo.predictive(apply_fn, jax.random.key(1), params, state, x, 8)
+    np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, rtol=1e-5)
+    t, table = bo.select_temperature(apply_fn, jax.random.key(2), params, state, x, y, num_samples=8)
+    assert t in table and 0.0 in table
+
+
 def test_masked_mfvi_step():
   params, batch = checks.mlp_problem()
   mask = {"w1": True, "b1": False, "w2": True}
