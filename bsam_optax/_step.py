@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from bsam_optax._checks import check_count
@@ -228,6 +229,13 @@ def _pairwise_mean(xs):
 
 
 def _mean_over_leading_axis(x):
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec and spec[0] is not None:
+    # Parts sharded over a mesh axis (explicit sharding): slices of a sharded
+    # axis are not expressible, a reduction is (one all-reduce).
+    dtype = jnp.promote_types(x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    return jnp.mean(x.astype(dtype), axis=0).astype(x.dtype)
   return _pairwise_mean([x[i] for i in range(x.shape[0])])
 
 
@@ -264,19 +272,54 @@ def _check_rule(rule) -> None:
     )
 
 
+def _sharded_like_parts(indices, parts):
+  """``indices`` with the sharding of the parts' leading axis, as ``jax.vmap`` needs under explicit sharding.
+
+  When the batch is sharded over a mesh axis with sharding in types
+  (``jax.make_mesh`` makes ``Explicit`` axes), splitting it into ``(m, size
+  / m, ...)`` keeps the sharding on the parts axis; the part indices mapped
+  beside the parts must carry the same sharding.
+  """
+  sharding = getattr(jax.typeof(jax.tree.leaves(parts)[0]), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return indices
+  return jax.sharding.reshard(indices, NamedSharding(sharding.mesh, PartitionSpec(spec[0])))
+
+
 def _concat_parts(x):
   return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _on_mesh(fn, options: StepOptions, with_state: bool):
-  """``jax.jit(jax.shard_map(fn))``: the batch (3rd argument) sharded along the axis, all else replicated.
+def _explicit(mesh: Mesh, axis_name: str) -> bool:
+  return mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit
 
-  ``fn`` returns ``(a, b, StepInfo)``; the aux in it is sharded along the axis under ``aux_reduce="concat"``.
+
+def _on_mesh(build, options: StepOptions, with_state: bool):
+  """The jitted step over ``options.mesh``, taking the global batch sharded along ``options.axis_name``.
+
+  ``build(options)`` makes the per-device function, which returns ``(a, b,
+  StepInfo)``. Parameters and optimizer state keep the shardings they come
+  with over the mesh's other axes (tensor parallelism over a 'model' axis).
+
+  * Auto axes: ``jax.shard_map`` manual over ``axis_name`` only, each device
+    evaluating ``m`` parts whose index counts across devices (``lax.pmean``
+    joins them); every other axis stays automatic.
+  * Explicit axes (sharding in types, ``jax.make_mesh``'s default): one
+    program over all ``devices x m`` parts, the parts axis sharded along
+    ``axis_name``; XLA places each part on the device that holds its rows.
+
+  Both give the parts the same indices, so the same result.
   """
   mesh, axis_name, m = options.mesh, options.axis_name, options.m
   num_devices = mesh.shape[axis_name]
   replicated = PartitionSpec()
   donate_argnums = (0, 1) if options.donate and with_state else ()
+  explicit = _explicit(mesh, axis_name)
+  if explicit:
+    fn = build(dataclasses.replace(options, mesh=None, axis_name=None, m=m * num_devices))
+  else:
+    fn = build(dataclasses.replace(options, mesh=None))
 
   @functools.partial(jax.jit, donate_argnums=donate_argnums)
   def sharded(params, opt_state, batch, key, *loss_args):
@@ -286,10 +329,13 @@ def _on_mesh(fn, options: StepOptions, with_state: bool):
         f"global batch size {size} is not divisible by the number of parts: {num_devices} devices on "
         f"mesh axis {axis_name!r} x m={m} = {num_devices * m}"
       )
+    if explicit:
+      batch = jax.sharding.reshard(batch, NamedSharding(mesh, PartitionSpec(axis_name)))
+      return fn(params, opt_state, batch, key, *loss_args)
     in_specs = (replicated, replicated, PartitionSpec(axis_name), replicated) + (replicated,) * len(loss_args)
     aux_spec = PartitionSpec(axis_name) if options.aux_reduce == "concat" else replicated
     out_specs = (replicated, replicated, StepInfo(replicated, replicated, aux_spec))
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis_name})(
       params, opt_state, batch, key, *loss_args
     )
 
@@ -331,7 +377,10 @@ def perturbation_gradients(loss_fn: LossFn, rule: PerturbationRule, **options):
     raise TypeError(
       "perturbation_gradients takes no donate= (it does not own the buffers); make_perturbation_step does"
     )
-  return _gradients(loss_fn, rule, StepOptions(**options))
+  options = StepOptions(**options)
+  if options.mesh is None:
+    return _gradients(loss_fn, rule, options)
+  return _on_mesh(lambda local: _gradients(loss_fn, rule, local), options, with_state=False)
 
 
 def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
@@ -374,8 +423,9 @@ def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
     if m == 1:
       result, aux = one_part(params, opt_state, key, offset, part_at(0), loss_args)
     elif split == "vmap":
+      indices = _sharded_like_parts(offset + jnp.arange(m), parts)
       result, aux = jax.vmap(one_part, in_axes=(None, None, None, 0, 0, None))(
-        params, opt_state, key, offset + jnp.arange(m), parts, loss_args
+        params, opt_state, key, indices, parts, loss_args
       )
       result = jax.tree.map(_mean_over_leading_axis, result)
       aux = jax.tree.map(_concat_parts if concat else _mean_over_leading_axis, aux)
@@ -412,9 +462,7 @@ def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
     info = StepInfo(result["loss"], result["second_loss"], aux if has_aux else None)
     return result["grads"], result["args"], info
 
-  if options.mesh is None:
-    return gradients
-  return _on_mesh(gradients, options, with_state=False)
+  return gradients
 
 
 def make_perturbation_step(loss_fn: LossFn, tx: optax.GradientTransformation, rule: PerturbationRule, **options):
@@ -462,16 +510,20 @@ def make_perturbation_step(loss_fn: LossFn, tx: optax.GradientTransformation, ru
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     raise TypeError(f"tx must be an optax.GradientTransformation (or MultiSteps), got {type(tx).__name__}")
   options = StepOptions(**options)
-  gradients = _gradients(loss_fn, rule, dataclasses.replace(options, mesh=None))
 
-  def local_step(params, opt_state, batch, key, *loss_args):
-    grads, args, info = gradients(params, opt_state, batch, key, *loss_args)
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
-    updates, opt_state = tx.update(grads, opt_state, params, **args)
-    return optax.apply_updates(params, updates), opt_state, info
+  def build(options):
+    gradients = _gradients(loss_fn, rule, options)
+
+    def local_step(params, opt_state, batch, key, *loss_args):
+      grads, args, info = gradients(params, opt_state, batch, key, *loss_args)
+      grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+      updates, opt_state = tx.update(grads, opt_state, params, **args)
+      return optax.apply_updates(params, updates), opt_state, info
+
+    return local_step
 
   if options.mesh is not None:
-    return _on_mesh(local_step, options, with_state=True)
+    return _on_mesh(build, options, with_state=True)
   if options.axis_name is not None:
-    return local_step
-  return jax.jit(local_step, donate_argnums=(0, 1) if options.donate else ())
+    return build(options)
+  return jax.jit(build(options), donate_argnums=(0, 1) if options.donate else ())
