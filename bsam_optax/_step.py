@@ -315,7 +315,9 @@ def _on_mesh(build, options: StepOptions, with_state: bool):
   num_devices = mesh.shape[axis_name]
   replicated = PartitionSpec()
   donate_argnums = (0, 1) if options.donate and with_state else ()
-  explicit = _explicit(mesh, axis_name)
+  # One program over all parts under explicit sharding, and for a data axis of size 1 (where a shard_map
+  # manual over that axis alone trips XLA's partitioner: "Cross-partition allreduce must be in manual mode").
+  explicit = _explicit(mesh, axis_name) or num_devices == 1
   if explicit:
     fn = build(dataclasses.replace(options, mesh=None, axis_name=None, m=m * num_devices))
   else:
@@ -330,7 +332,11 @@ def _on_mesh(build, options: StepOptions, with_state: bool):
         f"mesh axis {axis_name!r} x m={m} = {num_devices * m}"
       )
     if explicit:
-      batch = jax.sharding.reshard(batch, NamedSharding(mesh, PartitionSpec(axis_name)))
+      sharding = NamedSharding(mesh, PartitionSpec(axis_name))
+      if _explicit(mesh, axis_name):
+        batch = jax.sharding.reshard(batch, sharding)
+      else:
+        batch = jax.lax.with_sharding_constraint(batch, sharding)
       return fn(params, opt_state, batch, key, *loss_args)
     in_specs = (replicated, replicated, PartitionSpec(axis_name), replicated) + (replicated,) * len(loss_args)
     aux_spec = PartitionSpec(axis_name) if options.aux_reduce == "concat" else replicated

@@ -109,3 +109,13 @@ def test_cost_quick(capsys):
   assert len(cells) == 14  # ms of adam, sam_adam, contrib_sam, authors, bsam, bsam_hash; then 8 ratios
   for cell in cells:
     assert math.isfinite(float(cell)) and float(cell) > 0, rows[0]
+
+
+def test_sharding_memory_quick_halves_per_device_bytes_with_each_doubling_of_model_shards(monkeypatch):
+  # The script sets XLA_FLAGS itself; under the suite the 8 simulated devices already exist (conftest.py).
+  monkeypatch.setattr("sys.argv", ["sharding_memory.py", "--quick"])
+  rows = _load("sharding_memory").main()
+  assert [r["model shards"] for r in rows] == [1, 2, 4, 8]
+  held = [r["params / device (MB)"] + r["state / device (MB)"] for r in rows]
+  for before, after in zip(held, held[1:], strict=False):
+    assert after == pytest.approx(before / 2, rel=0.1)
