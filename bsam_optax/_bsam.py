@@ -102,6 +102,8 @@ def scale_by_bsam(
   weight_decay: float = 0.0,
   damping: float = 0.1,
   init_scale: float = 1.0,
+  weight_decay_mask: Any = None,
+  state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""bSAM's momentum and scale updates (Alg. 1, lines 6-7), returning ``g_m / s``.
 
@@ -127,6 +129,19 @@ def scale_by_bsam(
     weight_decay: δ, the L2 regularizer (Gaussian prior precision N δ).
     damping: γ, added to the scale in every update.
     init_scale: initial value of every entry of ``s``.
+    weight_decay_mask: which leaves the prior's δ applies to, as
+      ``optax.adamw(mask=...)``: a pytree of bools shaped like the params (or
+      a prefix of it), or a callable ``params -> such a pytree``; ``None``
+      for all. Masked-out leaves get δ = 0 in **both** lines (their prior is
+      flat; their scale still gets γ). Prefer this to chaining
+      ``optax.add_decayed_weights``: that adds δω to the momentum but not δ to
+      the scale, so the posterior precision would lose the prior's N δ.
+      Flax's ImageNet example decays kernels only:
+      ``weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``.
+    state_dtype: the dtype of ``g_m`` and ``s`` (as optax's ``mu_dtype``),
+      e.g. ``jnp.float32`` under bfloat16 parameters; ``None`` for each
+      parameter's own dtype. The updates are computed in the promoted dtype
+      and returned in the parameters' dtypes.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state :class:`BSAMState`.
@@ -138,14 +153,29 @@ def scale_by_bsam(
   check_nonnegative("weight_decay", weight_decay)
   check_nonnegative("damping", damping)
   check_positive("init_scale", init_scale)
+  if state_dtype is not None:
+    state_dtype = jnp.dtype(state_dtype)
+    if not jnp.issubdtype(state_dtype, jnp.floating):
+      raise ValueError(f"state_dtype must be a floating-point dtype, got {state_dtype}")
+  if weight_decay_mask is not None and isinstance(weight_decay_mask, (bool, str, int, float)):
+    raise TypeError(f"weight_decay_mask must be a pytree of bools or a callable of params, got {weight_decay_mask!r}")
+
+  def decays(params):
+    """δ per leaf: weight_decay where the mask holds, 0 elsewhere."""
+    if weight_decay_mask is None:
+      return jax.tree.map(lambda _: weight_decay, params)
+    mask = weight_decay_mask(params) if callable(weight_decay_mask) else weight_decay_mask
+    return jax.tree.map(
+      lambda keep, sub: jax.tree.map(lambda _: weight_decay * jnp.asarray(keep, jnp.float32), sub), mask, params
+    )
 
   def init_fn(params):
     _check_params(params)
     count = jnp.zeros([], jnp.int32)
     return BSAMState(
       count=count,
-      momentum=otu.zeros_like(params),
-      scale=otu.full_like(params, init_scale),
+      momentum=otu.zeros_like(params, dtype=state_dtype),
+      scale=otu.full_like(params, init_scale, dtype=state_dtype),
       rho=jnp.asarray(_value_at(rho, count), jnp.float32),
       n_data=jnp.asarray(n_data, jnp.float32),
     )
@@ -161,16 +191,19 @@ def scale_by_bsam(
         "a wrapper dropped it: flax.training.train_state.TrainState.apply_gradients does, use "
         "bsam_optax.flax.TrainState"
       )
+    delta = decays(params)
     momentum = jax.tree.map(
-      lambda m, g_eps, w: b1 * m + (1 - b1) * (g_eps + weight_decay * w),
+      lambda m, g_eps, w, d: (b1 * m + (1 - b1) * (g_eps + d * w)).astype(m.dtype),
       state.momentum,
       updates,
       params,
+      delta,
     )
     scale = jax.tree.map(
-      lambda s, g: b2 * s + (1 - b2) * (jnp.sqrt(s) * jnp.abs(g) + weight_decay + damping),
+      lambda s, g, d: (b2 * s + (1 - b2) * (jnp.sqrt(s) * jnp.abs(g) + d + damping)).astype(s.dtype),
       state.scale,
       noisy_grads,
+      delta,
     )
     new_updates = jax.tree.map(lambda m, s, w: (m / s).astype(jnp.result_type(w)), momentum, scale, params)
     count = optax.safe_increment(state.count)
@@ -196,6 +229,8 @@ def bsam(
   weight_decay: float = 0.0,
   damping: float = 0.1,
   init_scale: float = 1.0,
+  weight_decay_mask: Any = None,
+  state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bayesian SAM: the momentum, scale and mean updates of Alg. 1.
 
@@ -231,6 +266,8 @@ def bsam(
     weight_decay: δ, the L2 regularizer (Gaussian prior precision N δ).
     damping: γ, added to the scale in every update.
     init_scale: initial value of every entry of ``s``.
+    weight_decay_mask: the leaves δ applies to; see :func:`scale_by_bsam`.
+    state_dtype: the dtype of ``g_m`` and ``s``; see :func:`scale_by_bsam`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -261,6 +298,8 @@ def bsam(
       weight_decay=weight_decay,
       damping=damping,
       init_scale=init_scale,
+      weight_decay_mask=weight_decay_mask,
+      state_dtype=state_dtype,
     ),
     optax.scale_by_learning_rate(learning_rate),
   )

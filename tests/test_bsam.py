@@ -308,3 +308,42 @@ def test_bsam_is_scale_by_bsam_chained_with_the_learning_rate():
   # g_m / s with the new s: a rule that any optax pipeline can scale.
   s = bo.find_bsam_state(state)
   chex.assert_trees_all_close(direction, jax.tree.map(lambda m, s: m / s, s.momentum, s.scale), rtol=1e-6)
+
+
+def test_weight_decay_mask_removes_the_prior_from_both_lines_of_masked_leaves():
+  params = _params()
+  g = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  g_eps = jax.tree.map(lambda p: jnp.full_like(p, -0.2), params)
+  hyper = dict(HYPER, weight_decay=0.5)
+  masked = bo.bsam(0.05, n_data=50, weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p), **hyper)
+  as_tree = bo.bsam(0.05, n_data=50, weight_decay_mask={"w": True, "b": False}, **hyper)
+  full = bo.bsam(0.05, n_data=50, **hyper)
+  none = bo.bsam(0.05, n_data=50, **dict(hyper, weight_decay=0.0))
+  results = {}
+  for name, tx in [("masked", masked), ("as_tree", as_tree), ("full", full), ("none", none)]:
+    updates, state = tx.update(g_eps, tx.init(params), params, noisy_grads=g)
+    results[name] = (updates, bo.find_bsam_state(state))
+  for name in ("masked", "as_tree"):
+    updates, state = results[name]
+    chex.assert_trees_all_close(updates["w"], results["full"][0]["w"])
+    chex.assert_trees_all_close(state.scale["w"], results["full"][1].scale["w"])
+    chex.assert_trees_all_close(updates["b"], results["none"][0]["b"])
+    chex.assert_trees_all_close(state.scale["b"], results["none"][1].scale["b"])
+    chex.assert_trees_all_close(state.momentum["b"], results["none"][1].momentum["b"])
+  with pytest.raises(TypeError, match="weight_decay_mask"):
+    bo.bsam(0.1, n_data=10, weight_decay_mask=True)
+
+
+def test_state_dtype_keeps_float32_state_under_bfloat16_params():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+  tx = bo.bsam(0.05, n_data=50, state_dtype=jnp.float32, **HYPER)
+  state = tx.init(params)
+  g = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  updates, state = tx.update(g, state, params, noisy_grads=g)
+  bsam_state = bo.find_bsam_state(state)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((bsam_state.momentum, bsam_state.scale)))
+  theta = bo.noisy_params(jax.random.key(0), params, state)
+  chex.assert_trees_all_equal_dtypes(theta, params)
+  with pytest.raises(ValueError, match="state_dtype"):
+    bo.bsam(0.1, n_data=10, state_dtype=jnp.int32)
