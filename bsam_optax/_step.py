@@ -272,6 +272,13 @@ def _check_rule(rule) -> None:
     )
 
 
+def _parts_axis_spec(parts):
+  """The mesh axis the parts axis is sharded over in the arrays' types (explicit sharding), or None."""
+  sharding = getattr(jax.typeof(jax.tree.leaves(parts)[0]), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  return (spec[0], sharding.mesh) if spec and spec[0] is not None else (None, None)
+
+
 def _sharded_like_parts(indices, parts):
   """``indices`` with the sharding of the parts' leading axis, as ``jax.vmap`` needs under explicit sharding.
 
@@ -280,11 +287,10 @@ def _sharded_like_parts(indices, parts):
   / m, ...)`` keeps the sharding on the parts axis; the part indices mapped
   beside the parts must carry the same sharding.
   """
-  sharding = getattr(jax.typeof(jax.tree.leaves(parts)[0]), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if not spec or spec[0] is None:
+  axis, mesh = _parts_axis_spec(parts)
+  if axis is None:
     return indices
-  return jax.sharding.reshard(indices, NamedSharding(sharding.mesh, PartitionSpec(spec[0])))
+  return jax.sharding.reshard(indices, NamedSharding(mesh, PartitionSpec(axis)))
 
 
 def _concat_parts(x):
@@ -426,6 +432,12 @@ def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
     offset = _part_offset(axis_name, m)
     parts = _split(batch, m)
     part_at = lambda i: jax.tree.map(lambda x: x[i], parts)  # noqa: E731
+    if m > 1 and split != "vmap" and _parts_axis_spec(parts)[0] is not None:
+      raise ValueError(
+        f"split={split!r} takes the parts one at a time, but the batch is sharded over mesh axis "
+        f"{_parts_axis_spec(parts)[0]!r} in its type (explicit sharding), so each part lives on other devices; "
+        "use split='vmap' (the parts side by side, each on the devices that hold its rows)"
+      )
     if m == 1:
       result, aux = one_part(params, opt_state, key, offset, part_at(0), loss_args)
     elif split == "vmap":

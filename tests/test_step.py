@@ -444,3 +444,13 @@ def test_sharded_parameters_stay_sharded_and_equal_one_device(path, axis_type):
   assert _specs(bsam_out.scale) == _specs(bsam_in.scale) == _specs(sp)
   assert _specs(bsam_out.momentum) == _specs(sp)
   assert "all-gather" not in hlo  # the noise is drawn, and the parameters used, where the shards live
+
+
+def test_split_one_part_at_a_time_under_explicit_sharding_is_a_clear_error():
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2, devices=jax.devices()[:8])
+  tx = bo.bsam(0.05, n_data=100)
+  _, (sp, ss, sb) = _sharded_problem(mesh, tx)
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="split='scan' takes the parts one at a time"):
+    jax.jit(bo.bsam_step(_tp_loss, tx, m=4, split="scan"))(sp, ss, sb, jax.random.key(0))
