@@ -8,6 +8,7 @@ from bsam_optax._bsam import bsam_step
 from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params
 from bsam_optax._bsam import perturbed_params
+from bsam_optax._bsam import reparam_hessian
 from bsam_optax._bsam import scale_by_bsam
 from bsam_optax._checkpoint import Checkpoint
 from bsam_optax._checkpoint import restore_checkpoint
@@ -27,8 +28,10 @@ from bsam_optax._mfvi import mfvi_sample
 from bsam_optax._mfvi import mfvi_step
 from bsam_optax._mfvi import scale_by_mfvi
 from bsam_optax._noise import hash_prng_impl
+from bsam_optax._posterior import PosteriorSummary
 from bsam_optax._posterior import find_posterior_state
 from bsam_optax._posterior import posterior
+from bsam_optax._posterior import posterior_diagnostics
 from bsam_optax._posterior import predictive
 from bsam_optax._posterior import sample_posterior
 from bsam_optax._posterior import select_temperature
@@ -62,6 +65,7 @@ __all__ = [
   "Dataset",
   "MFVIState",
   "PerturbationRule",
+  "PosteriorSummary",
   "Split",
   "StepInfo",
   "StepOptions",
@@ -91,10 +95,12 @@ __all__ = [
   "perturbation_gradients",
   "perturbed_params",
   "posterior",
+  "posterior_diagnostics",
   "predictive",
   "random_perturbed_params",
   "random_sam_rule",
   "random_sam_step",
+  "reparam_hessian",
   "restore_checkpoint",
   "sam_perturbed_params",
   "sam_rule",

@@ -22,6 +22,21 @@ first stages; :func:`bsam_rule` hands them to the step machinery, and
 Deviation from the authors' research code: their mean update divides by the
 *old* scale ``s`` (computed before the scale update). We follow the seed
 equations above and the paper's Alg. 1 ordering, dividing by the *new* ``s``.
+
+``curvature="reparam"`` replaces the data term ``√s · |g|`` of the scale
+update by the reparameterization estimate of the diagonal Hessian at θ,
+``ĥ = g · (θ − ω) · N s = g · z · √(N s)`` (unbiased: Stein's lemma), with the
+correction of IVON (Shen et al., 2024) that keeps ``s`` positive::
+
+  t = ĥ + δ + γ
+  s ← β2 s + (1 − β2) t + ½ (1 − β2)² (s − t)² / s
+
+Why: at θ = ω + σz the data part of ``g`` is about ``H σ z``, so ``√s · |g|``
+is about ``H |z| / √N``, √N times smaller than the curvature H that the
+posterior's precision should hold (the paper's App. E.3 drops that factor);
+with the default damping the scale stays at ``δ + γ`` and the posterior is
+isotropic. ``benchmarks/posterior_scale.py`` measures both on problems with a
+known posterior.
 """
 
 from typing import Any
@@ -51,6 +66,7 @@ __all__ = [
   "find_bsam_state",
   "noisy_params",
   "perturbed_params",
+  "reparam_hessian",
   "scale_by_bsam",
 ]
 
@@ -68,12 +84,73 @@ class BSAMState(NamedTuple):
   scale: Updates  # s, the diagonal precision; variance is 1 / (N s)
   rho: jax.Array  # shape (), ρ for the next step (schedules evaluated at count)
   n_data: jax.Array  # shape (), N, the (possibly tempered) dataset size
+  # s = init_part + damping_part + (the data's part), for posterior_diagnostics:
+  init_part: jax.Array  # shape (), β2^t s₀: what is left of the initial scale
+  damping_part: jax.Array  # shape (), (1 − β2^t)(δ + γ): what the prior and damping added (δ unmasked)
 
   def posterior_std(self) -> Updates:
     """``1 / sqrt(N s)`` per entry (``optax.MaskedNode`` where masked): the Gaussian-posterior protocol."""
     return jax.tree.map(
       lambda s: s if _is_masked(s) else jax.lax.rsqrt(self.n_data * s), self.scale, is_leaf=_is_masked
     )
+
+  def damping_dominated(self, threshold: float = 0.1) -> Updates:
+    """Per entry, whether the data's average share of ``s`` is below ``threshold × (δ + γ)``.
+
+    ``s − init_part − damping_part`` is the data terms' exponential sum; it is
+    compared with ``threshold × damping_part`` (both carry the factor
+    ``1 − β2^t``). See :func:`~bsam_optax.posterior_diagnostics`.
+    """
+    return jax.tree.map(
+      lambda s: s if _is_masked(s) else s - self.init_part - self.damping_part < threshold * self.damping_part,
+      self.scale,
+      is_leaf=_is_masked,
+    )
+
+
+class _ReparamBSAMState(BSAMState):
+  """:class:`BSAMState` of ``scale_by_bsam(..., curvature="reparam")``.
+
+  The type tells :func:`bsam_rule` which data term the update takes; a state
+  is a pytree of arrays, so the choice lives in its type, not in a field.
+  """
+
+  __slots__ = ()
+
+
+CURVATURES = ("abs_grad", "reparam")
+
+
+def _check_curvature(curvature) -> None:
+  if not isinstance(curvature, str) or curvature not in CURVATURES:
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+
+
+def reparam_hessian(params: Params, opt_state, noisy_params: Params, noisy_grads: Updates) -> Updates:
+  """The reparameterization estimate ``ĥ = g · (θ − ω) · N s`` of the diagonal Hessian at θ.
+
+  With θ = ω + z / √(N s), ``ĥ = g · z · √(N s)`` and ``E[ĥ] = E[diag ∇²ℓ(θ)]``
+  (Stein's lemma), whatever the minibatch noise in ``g``. The scale update of
+  ``bsam(..., curvature="reparam")`` takes it as ``hessian=``; under
+  m-sharpness the step averages each part's estimate.
+
+  Args:
+    params: ω, the posterior mean.
+    opt_state: the state of a transformation containing one :func:`bsam`.
+    noisy_params: θ, drawn by :func:`noisy_params` from this state.
+    noisy_grads: g, the gradient at θ.
+
+  Returns:
+    ĥ, shaped like ``params`` (masked leaves: ``g`` unchanged, unused).
+  """
+  state = find_bsam_state(opt_state)
+  return _map_unmasked(
+    lambda s, g, theta, w: g * (theta - w) * (state.n_data * s).astype(g.dtype),
+    state.scale,
+    noisy_grads,
+    noisy_params,
+    params,
+  )
 
 
 def _is_masked(x) -> bool:
@@ -104,6 +181,7 @@ def scale_by_bsam(
   init_scale: float = 1.0,
   weight_decay_mask: Any = None,
   state_dtype: Any = None,
+  curvature: str = "abs_grad",
 ) -> optax.GradientTransformationExtraArgs:
   r"""bSAM's momentum and scale updates (Alg. 1, lines 6-7), returning ``g_m / s``.
 
@@ -118,6 +196,14 @@ def scale_by_bsam(
 
   Chain it with a learning rate (:func:`bsam` does) for the step
   ``ω ← ω − α g_m / s``.
+
+  With ``curvature="reparam"`` the update takes ``hessian=ĥ`` (see
+  :func:`reparam_hessian`; :func:`bsam_step` passes the mean over parts of
+  each part's ``ĥ``), or ``noisy_grads=g`` with ``noisy_params=θ`` to compute
+  it, and the scale update is IVON's::
+
+    t = ĥ + δ + γ
+    s ← β2 s + (1 − β2) t + ½ (1 − β2)² (s − t)² / s     # > 0 whatever ĥ
 
   Args:
     n_data: N, the number of training examples. Scaling it up tempers the
@@ -142,10 +228,16 @@ def scale_by_bsam(
       e.g. ``jnp.float32`` under bfloat16 parameters; ``None`` for each
       parameter's own dtype. The updates are computed in the promoted dtype
       and returned in the parameters' dtypes.
+    curvature: the scale update's data term: ``"abs_grad"`` (Alg. 1,
+      ``√s · |g|``) or ``"reparam"`` (the reparameterization estimate of the
+      diagonal Hessian, IVON's update; a data-shaped posterior, see the
+      module docstring).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state :class:`BSAMState`.
   """
+  _check_curvature(curvature)
+  state_type = BSAMState if curvature == "abs_grad" else _ReparamBSAMState
   check_positive("n_data", n_data)
   check_nonnegative("rho", rho, schedule=True)
   check_decay("b1", b1)
@@ -172,19 +264,29 @@ def scale_by_bsam(
   def init_fn(params):
     _check_params(params)
     count = jnp.zeros([], jnp.int32)
-    return BSAMState(
+    return state_type(
       count=count,
       momentum=otu.zeros_like(params, dtype=state_dtype),
       scale=otu.full_like(params, init_scale, dtype=state_dtype),
       rho=jnp.asarray(_value_at(rho, count), jnp.float32),
       n_data=jnp.asarray(n_data, jnp.float32),
+      init_part=jnp.asarray(init_scale, jnp.float32),
+      damping_part=jnp.zeros([], jnp.float32),
     )
 
-  def update_fn(updates, state, params=None, *, noisy_grads=None, **extra_args):
+  def update_fn(updates, state, params=None, *, noisy_grads=None, hessian=None, noisy_params=None, **extra_args):
     del extra_args
     if params is None:
       raise ValueError("bsam needs params (ω) in update(..., params)")
-    if noisy_grads is None:
+    if curvature == "reparam":
+      if hessian is None and (noisy_grads is None or noisy_params is None):
+        raise ValueError(
+          "bsam(curvature='reparam')'s update needs hessian= (the mean over parts of reparam_hessian, as bsam_step "
+          "passes it), or noisy_grads=g with noisy_params=θ (the sample drawn by noisy_params)"
+        )
+      if hessian is None:
+        hessian = reparam_hessian(params, state, noisy_params, noisy_grads)
+    elif noisy_grads is None:
       raise ValueError(
         "bsam's update needs noisy_grads=, the gradient at θ drawn by noisy_params; call "
         "tx.update(perturbed_grads, state, params, noisy_grads=noisy_grads) or use bsam_step. If you did pass it, "
@@ -199,20 +301,30 @@ def scale_by_bsam(
       params,
       delta,
     )
-    scale = jax.tree.map(
-      lambda s, g, d: (b2 * s + (1 - b2) * (jnp.sqrt(s) * jnp.abs(g) + d + damping)).astype(s.dtype),
-      state.scale,
-      noisy_grads,
-      delta,
-    )
+    if curvature == "reparam":
+
+      def scale_update(s, h, d):
+        t = h + d + damping
+        return (b2 * s + (1 - b2) * t + 0.5 * (1 - b2) ** 2 * (s - t) ** 2 / s).astype(s.dtype)
+
+      scale = jax.tree.map(scale_update, state.scale, hessian, delta)
+    else:
+      scale = jax.tree.map(
+        lambda s, g, d: (b2 * s + (1 - b2) * (jnp.sqrt(s) * jnp.abs(g) + d + damping)).astype(s.dtype),
+        state.scale,
+        noisy_grads,
+        delta,
+      )
     new_updates = jax.tree.map(lambda m, s, w: (m / s).astype(jnp.result_type(w)), momentum, scale, params)
     count = optax.safe_increment(state.count)
-    new_state = BSAMState(
+    new_state = state_type(
       count=count,
       momentum=momentum,
       scale=scale,
       rho=jnp.asarray(_value_at(rho, count), state.rho.dtype),
       n_data=jnp.asarray(n_data, state.n_data.dtype),
+      init_part=(b2 * state.init_part).astype(state.init_part.dtype),
+      damping_part=(b2 * state.damping_part + (1 - b2) * (weight_decay + damping)).astype(state.damping_part.dtype),
     )
     return new_updates, new_state
 
@@ -231,6 +343,7 @@ def bsam(
   init_scale: float = 1.0,
   weight_decay_mask: Any = None,
   state_dtype: Any = None,
+  curvature: str = "abs_grad",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bayesian SAM: the momentum, scale and mean updates of Alg. 1.
 
@@ -268,6 +381,9 @@ def bsam(
     init_scale: initial value of every entry of ``s``.
     weight_decay_mask: the leaves δ applies to; see :func:`scale_by_bsam`.
     state_dtype: the dtype of ``g_m`` and ``s``; see :func:`scale_by_bsam`.
+    curvature: ``"abs_grad"`` (Alg. 1's ``√s · |g|``) or ``"reparam"`` (the
+      reparameterization estimate of the diagonal Hessian with IVON's update;
+      see :func:`scale_by_bsam`). :func:`bsam_step` passes what each needs.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -300,6 +416,7 @@ def bsam(
       init_scale=init_scale,
       weight_decay_mask=weight_decay_mask,
       state_dtype=state_dtype,
+      curvature=curvature,
     ),
     optax.scale_by_learning_rate(learning_rate),
   )
@@ -373,12 +490,16 @@ def perturbed_params(params: Params, opt_state, noisy_grads: Updates) -> Params:
 
 
 def _abs_noisy_grads(params, opt_state, x, g) -> dict:
-  del params, opt_state, x
+  if isinstance(find_bsam_state(opt_state), _ReparamBSAMState):
+    return {"hessian": reparam_hessian(params, opt_state, x, g)}
   return {"noisy_grads": jax.tree.map(jnp.abs, g)}
 
 
 def bsam_rule(*, noise: str = "auto") -> _step.PerturbationRule:
   """bSAM as a :class:`~bsam_optax.PerturbationRule`: θ ~ N(ω, 1/(N s)), then ω + ρ g / s, and ``noisy_grads=|g|``.
+
+  With ``bsam(..., curvature="reparam")`` (read from the state's type) the
+  update gets ``hessian=`` :func:`reparam_hessian` instead of ``noisy_grads``.
 
   Args:
     noise: the generator of θ's noise, see :func:`noisy_params`.

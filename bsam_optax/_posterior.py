@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,11 @@ from bsam_optax import _noise
 from bsam_optax._checks import check_count
 
 __all__ = [
+  "PosteriorSummary",
   "find_posterior_state",
   "gaussian_params",
   "posterior",
+  "posterior_diagnostics",
   "predictive",
   "sample_posterior",
   "select_temperature",
@@ -388,3 +391,101 @@ def select_temperature(
   finite = [t for t in candidates if math.isfinite(table[t])]
   best = min(finite, key=lambda t: table[t]) if finite else 0.0
   return best, table
+
+
+class PosteriorSummary(NamedTuple):
+  """What :func:`posterior_diagnostics` reports, for one leaf or for all parameters.
+
+  Every field is a scalar array (computed on device; no host sync).
+  """
+
+  size: jax.Array  # number of entries with a posterior (masked leaves: 0)
+  damping_fraction: jax.Array  # fraction whose data term is below `threshold` x (δ + γ)
+  log_std_mean: jax.Array  # mean of log σ
+  log_std_spread: jax.Array  # standard deviation of log σ over the entries (0: isotropic)
+  std_min: jax.Array
+  std_max: jax.Array
+
+
+def posterior_diagnostics(params, opt_state, *, threshold: float = 0.1) -> tuple[PosteriorSummary, dict]:
+  """What the learned posterior ``N(ω, 1 / (N s))`` is: data-shaped or set by the damping.
+
+  bSAM's scale is an exponential average that, step by step, adds ``(1 − β2)``
+  times a data term (Alg. 1: ``√s · |g|``) plus ``δ + γ``. Its state keeps the
+  scale's two parts that are not data, ``s = init_part + damping_part +
+  data_part`` with ``init_part = β2^t s₀`` and ``damping_part = (1 − β2^t)(δ
+  + γ)`` (scalars), so the data term's average over the steps is ``data_part /
+  (1 − β2^t)``. An entry is *damping-dominated* when that average is below
+  ``threshold × (δ + γ)``, i.e. ``data_part < threshold × damping_part``: its
+  std is within a few percent of ``1 / sqrt(N (δ + γ))`` (or of the initial
+  one) whatever the data. A posterior that is damping-dominated almost
+  everywhere is an isotropic Gaussian whose only knob is N, and its model
+  average is the posterior mean plus isotropic noise.
+
+  Any Gaussian-posterior state works (see :func:`find_posterior_state`); the
+  damping fractions need its optional method ``damping_dominated(threshold)``
+  (a pytree of booleans), and are NaN without it.
+
+  Args:
+    params: ω, the posterior mean.
+    opt_state: an optax state holding one Gaussian posterior (e.g. of :func:`~bsam_optax.bsam`).
+    threshold: the data term's share of ``δ + γ`` below which an entry counts as
+      damping-dominated.
+
+  Returns:
+    ``(overall, per_leaf)``: a :class:`PosteriorSummary` over all entries, and
+    ``{leaf path: PosteriorSummary}`` for every leaf with a posterior.
+
+  Example:
+    >>> import jax.numpy as jnp, bsam_optax as bo
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = bo.bsam(0.1, n_data=100)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params, noisy_grads={"w": jnp.array([0.0, 0.001, 1.0])})
+    >>> overall, per_leaf = bo.posterior_diagnostics(params, state)
+    >>> print(f"{float(overall.damping_fraction):.3f}", list(per_leaf))
+    0.667 ["['w']"]
+  """
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+    raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+  state = find_posterior_state(opt_state)
+  std = state.posterior_std()
+  dominated_fn = getattr(state, "damping_dominated", None)
+  dominated = dominated_fn(threshold) if callable(dominated_fn) else jax.tree.map(lambda s: s, std, is_leaf=_is_masked)
+  paths = jax.tree_util.tree_flatten_with_path(std, is_leaf=_is_masked)[0]
+  per_leaf = {}
+  for (path, sigma), flags in zip(paths, jax.tree.leaves(dominated, is_leaf=_is_masked), strict=True):
+    if _is_masked(sigma):
+      continue
+    log_std = jnp.log(sigma.astype(jnp.float32))
+    fraction = jnp.mean(flags.astype(jnp.float32)) if callable(dominated_fn) else jnp.asarray(jnp.nan, jnp.float32)
+    per_leaf[jax.tree_util.keystr(path)] = PosteriorSummary(
+      size=jnp.asarray(sigma.size, jnp.float32),
+      damping_fraction=fraction,
+      log_std_mean=jnp.mean(log_std),
+      log_std_spread=jnp.std(log_std),
+      std_min=jnp.min(sigma).astype(jnp.float32),
+      std_max=jnp.max(sigma).astype(jnp.float32),
+    )
+  if not per_leaf:
+    nan = jnp.asarray(jnp.nan, jnp.float32)
+    return PosteriorSummary(jnp.zeros([], jnp.float32), nan, nan, nan, nan, nan), per_leaf
+  leaves = list(per_leaf.values())
+  sizes = jnp.stack([x.size for x in leaves])
+  weights = sizes / jnp.sum(sizes)
+
+  def weighted(field):
+    return jnp.sum(weights * jnp.stack([getattr(x, field) for x in leaves]))
+
+  mean = weighted("log_std_mean")
+  # The pooled variance: within-leaf variances plus the leaf means' spread around the overall mean.
+  variance = jnp.sum(weights * jnp.stack([x.log_std_spread**2 + (x.log_std_mean - mean) ** 2 for x in leaves]))
+  overall = PosteriorSummary(
+    size=jnp.sum(sizes),
+    damping_fraction=weighted("damping_fraction"),
+    log_std_mean=mean,
+    log_std_spread=jnp.sqrt(variance),
+    std_min=jnp.min(jnp.stack([x.std_min for x in leaves])),
+    std_max=jnp.max(jnp.stack([x.std_max for x in leaves])),
+  )
+  return overall, per_leaf

@@ -347,3 +347,145 @@ def test_state_dtype_keeps_float32_state_under_bfloat16_params():
   chex.assert_trees_all_equal_dtypes(theta, params)
   with pytest.raises(ValueError, match="state_dtype"):
     bo.bsam(0.1, n_data=10, state_dtype=jnp.int32)
+
+
+# curvature="reparam": the reparameterization estimate of the diagonal Hessian with IVON's scale update.
+
+
+def test_reparam_scale_update_matches_independent_restatement():
+  params = _params()
+  tx = bo.bsam(0.05, n_data=50, curvature="reparam", **HYPER)
+  state = tx.init(params)
+  key = jax.random.key(3)
+  for step in range(3):
+    old = bo.find_bsam_state(state)
+    theta = bo.noisy_params(jax.random.fold_in(key, step), params, state)
+    g = jax.tree.map(lambda t: jnp.sin(3 * t) - 0.5 * t, theta)
+    h = bo.reparam_hessian(params, state, theta, g)
+    b2, floor = HYPER["b2"], HYPER["weight_decay"] + HYPER["damping"]
+    for k in params:
+      s = np.asarray(old.scale[k], np.float64)
+      h_np = np.asarray(g[k], np.float64) * (np.asarray(theta[k]) - np.asarray(params[k])) * 50 * s
+      np.testing.assert_allclose(h[k], h_np, rtol=1e-5, atol=1e-7)
+    # The same update from the sample and its gradient, or from the estimate.
+    via_sample = tx.update(g, state, params, noisy_grads=g, noisy_params=theta)
+    updates, state = tx.update(g, state, params, hessian=h)
+    chex.assert_trees_all_close(via_sample, (updates, state), rtol=1e-6)
+    for k in params:
+      s, t = np.asarray(old.scale[k], np.float64), np.asarray(h[k], np.float64) + floor
+      expected = b2 * s + (1 - b2) * t + 0.5 * (1 - b2) ** 2 * (s - t) ** 2 / s
+      np.testing.assert_allclose(bo.find_bsam_state(state).scale[k], expected, rtol=1e-5)
+  # The scale stays positive whatever the estimate (IVON's correction).
+  h = jax.tree.map(lambda p: jnp.full_like(p, -1e4), params)
+  _, state = tx.update(h, state, params, hessian=h)
+  assert all(float(jnp.min(s)) > 0 for s in jax.tree.leaves(bo.find_bsam_state(state).scale))
+
+
+def test_reparam_update_without_its_arguments_raises():
+  params = _params()
+  tx = bo.bsam(0.1, 10, curvature="reparam")
+  with pytest.raises(ValueError, match="hessian="):
+    tx.update(params, tx.init(params), params, noisy_grads=params)
+  with pytest.raises(ValueError, match="curvature"):
+    bo.bsam(0.1, 10, curvature="fisher")
+  with pytest.raises(ValueError, match="curvature"):
+    bo.scale_by_bsam(10, curvature=None)
+
+
+def _linear_regression(n=2000, d=8, seed=0):
+  """x_j on scales 0.1-10, noise std 1: the exact posterior precision is XᵀX + N δ I."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((n, d)) * np.logspace(-1, 1, d)
+  y = x @ rng.standard_normal(d) + rng.standard_normal(n)
+  return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+
+@pytest.mark.parametrize("m,split", [(1, "vmap"), (4, "vmap"), (4, "scan")])
+def test_reparam_posterior_std_matches_the_exact_one_on_linear_regression(m, split):
+  x, y = _linear_regression()
+  n, d = x.shape
+  weight_decay, steps = 1e-4, 8000
+  exact_std = np.sqrt(np.diag(np.linalg.inv(np.asarray(x.T @ x, np.float64) + n * weight_decay * np.eye(d))))
+  tx = bo.bsam(0.01, n_data=n, rho=0.01, weight_decay=weight_decay, damping=1e-3, curvature="reparam")
+  step = bo.bsam_step(lambda w, b: 0.5 * jnp.mean((b[1] - b[0] @ w) ** 2), tx, m=m, split=split)
+
+  def body(carry, key):
+    w, state = carry
+    idx = jax.random.randint(jax.random.fold_in(key, 0), (128,), 0, n)
+    w, state, _ = step(w, state, (x[idx], y[idx]), jax.random.fold_in(key, 1))
+    return (w, state), None
+
+  w0 = jnp.zeros(d)
+  run = jax.jit(lambda k: jax.lax.scan(body, (w0, tx.init(w0)), jax.random.split(k, steps))[0])
+  w, state = run(jax.random.key(m))
+  ratio = np.asarray(bo.posterior(w, state)[1]) / exact_std
+  assert np.all((ratio > 0.8) & (ratio < 1.25)), ratio
+  # Alg. 1's |g| scale with the same settings is several times too wide on the well-determined weights.
+  tx = bo.bsam(0.01, n_data=n, rho=0.01, weight_decay=weight_decay, damping=1e-3)
+  step = bo.bsam_step(lambda w, b: 0.5 * jnp.mean((b[1] - b[0] @ w) ** 2), tx, m=m, split=split)
+  w, state = jax.jit(lambda k: jax.lax.scan(body, (w0, tx.init(w0)), jax.random.split(k, steps))[0])(jax.random.key(m))
+  assert np.max(np.asarray(bo.posterior(w, state)[1]) / exact_std) > 2
+
+
+def test_reparam_parts_are_averaged_estimates():
+  """m = 2: the update gets the mean of each part's ĥ_i = g_i (θ_i − ω) N s, not a product of means."""
+  params = _params()
+  tx = bo.bsam(0.05, n_data=50, curvature="reparam", **HYPER)
+  state = tx.init(params)
+  loss_fn = lambda p, b: jnp.mean(b * jnp.sum(jnp.sin(p["w"])) + jnp.sum(p["b"] ** 3))  # noqa: E731
+  batch, key = jnp.array([1.0, 3.0]), jax.random.key(4)
+  _, got, _ = bo.bsam_step(loss_fn, tx, m=2)(params, state, batch, key)
+  hs, g_eps = [], []
+  for i in range(2):
+    part = batch[i : i + 1]
+    theta = bo.noisy_params(jax.random.fold_in(key, i), params, state)
+    g = jax.grad(loss_fn)(theta, part)
+    hs.append(bo.reparam_hessian(params, state, theta, g))
+    g_eps.append(jax.grad(loss_fn)(bo.perturbed_params(params, state, g), part))
+  mean = lambda xs: jax.tree.map(lambda *v: sum(v) / len(v), *xs)  # noqa: E731
+  _, expected = tx.update(mean(g_eps), state, params, hessian=mean(hs))
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+# posterior_diagnostics: what the state says about the posterior.
+
+
+def test_state_tracks_its_initial_and_damping_parts():
+  params = _params()
+  tx = bo.bsam(0.05, n_data=50, **HYPER)  # s₀ = 2
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(5):
+    _, state = tx.update(zero, state, params, noisy_grads=zero)
+  s = bo.find_bsam_state(state)
+  b2, floor = HYPER["b2"], HYPER["weight_decay"] + HYPER["damping"]
+  np.testing.assert_allclose(s.init_part, 2.0 * b2**5, rtol=1e-6)
+  np.testing.assert_allclose(s.damping_part, (1 - b2**5) * floor, rtol=1e-5)
+  # With no data term the scale is exactly these two parts: every entry is damping-dominated.
+  for leaf in jax.tree.leaves(s.scale):
+    np.testing.assert_allclose(leaf, s.init_part + s.damping_part, rtol=1e-6)
+  overall, _ = bo.posterior_diagnostics(params, state)
+  assert float(overall.damping_fraction) == 1.0
+
+
+def test_posterior_diagnostics_per_leaf_and_overall():
+  params = {"a": jnp.zeros(4), "b": jnp.zeros((2, 3)), "c": jnp.zeros(2)}
+  tx = optax.masked(bo.bsam(0.1, n_data=100, b2=0.5, damping=0.1), {"a": True, "b": True, "c": False})
+  state = tx.init(params)
+  # One update: data term √s |g| = |g| (s₀ = 1) against δ + γ = 0.1: below 0.01 is damping-dominated.
+  g = {"a": jnp.array([0.0, 0.005, 0.05, 1.0]), "b": jnp.full((2, 3), 2.0), "c": jnp.ones(2)}
+  _, state = tx.update(g, state, params, noisy_grads={**g, "c": optax.MaskedNode()})
+  diagnose = jax.jit(bo.posterior_diagnostics)  # on device, no host sync
+  overall, per_leaf = diagnose(params, state)
+  assert sorted(per_leaf) == ["['a']", "['b']"]  # the masked leaf has no posterior
+  np.testing.assert_allclose(per_leaf["['a']"].damping_fraction, 0.5)
+  np.testing.assert_allclose(per_leaf["['b']"].damping_fraction, 0.0)
+  np.testing.assert_allclose(overall.damping_fraction, 2 / 10)
+  assert float(overall.size) == 10
+  std = np.concatenate([np.ravel(s) for s in jax.tree.leaves(bo.posterior(params, state)[1])[:2]])
+  np.testing.assert_allclose(overall.log_std_mean, np.mean(np.log(std)), rtol=1e-5)
+  np.testing.assert_allclose(overall.log_std_spread, np.std(np.log(std)), rtol=1e-4)
+  np.testing.assert_allclose(per_leaf["['b']"].log_std_spread, 0.0, atol=1e-6)
+  np.testing.assert_allclose([overall.std_min, overall.std_max], [std.min(), std.max()], rtol=1e-6)
+  with pytest.raises(ValueError, match="threshold"):
+    bo.posterior_diagnostics(params, state, threshold=-1.0)
