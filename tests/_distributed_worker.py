@@ -6,7 +6,11 @@ joins the run, trains :func:`problem` for a few bSAM steps over a global mesh
 write their share of one checkpoint), restores it onto the same mesh and checks
 it, and (process 0) writes the final arrays to ``DIR/result.npz``; then the
 same for the baseline :func:`random_sam` (``DIR/random_sam.npz``, no checkpoint).
-``... init ...`` only joins the run (for the error tests).
+``... sharded ...`` trains the same on a (data=2, model=2) mesh with the
+parameters and bSAM's state sharded over ``model`` (tensor parallel), checks
+that every leaf stays sharded, saves the sharded state with orbax and restores
+it into the same layout and into a replicated one, and (process 0) writes
+``DIR/sharded.npz``. ``... init ...`` only joins the run (for the error tests).
 
 The test imports :func:`problem` and :func:`global_batches` for its
 single-process references, so both sides train the same thing.
@@ -127,9 +131,75 @@ def _train(args) -> None:
   print(f"process {pid}: done", flush=True)
 
 
+def param_specs():
+  """Tensor parallel over 'model': no device holds a whole leaf."""
+  from jax.sharding import PartitionSpec
+
+  return {"w1": PartitionSpec(None, "model"), "b1": PartitionSpec("model"), "w2": PartitionSpec("model", None)}
+
+
+def _put(host, sharding):
+  """A global array from a host value every process holds (each process places its devices' shards)."""
+  host = np.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _sharded(args) -> None:
+  import optax
+  import orbax.checkpoint as ocp
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec
+
+  import bsam_optax as bo
+  import bsam_optax.distributed as dist
+
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  pid = jax.process_index()
+  loss_fn, tx, params, key = problem()
+  specs = param_specs()
+  place = lambda x, spec: _put(x, NamedSharding(mesh, spec))  # noqa: E731
+  state = optax.tree_map_params(
+    tx, place, tx.init(params), specs, transform_non_params=lambda x: place(x, PartitionSpec())
+  )
+  params = jax.tree.map(place, params, specs)
+  step = bo.bsam_step(loss_fn, tx, m=1, axis_name="data", mesh=mesh)  # 2 data devices x m=1 = 2 parts
+  for t, batch in enumerate(global_batches()):
+    params, state, _ = step(params, state, dist.shard_global_batch(batch, mesh, "data"), jax.random.fold_in(key, t))
+
+  bsam_state = bo.find_bsam_state(state)
+  for tree in (params, bsam_state.momentum, bsam_state.scale):
+    for name, x in tree.items():
+      assert x.sharding.is_equivalent_to(NamedSharding(mesh, specs[name]), x.ndim), (name, x.sharding)
+      # each device holds half of the hidden axis of every leaf
+      assert all(s.data.size * 2 == x.size for s in x.addressable_shards), (name, x.shape)
+
+  path = os.path.join(os.path.abspath(args.out), "sharded_checkpoint")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, {"params": params, "opt_state": state})
+  checkpointer.wait_until_finished()
+  expected = dist.to_host({"params": params, "opt_state": state})
+  same_layout = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state})
+  replicated = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, PartitionSpec())), same_layout
+  )
+  for target in (same_layout, replicated):
+    restored = checkpointer.restore(path, target)
+    assert all(
+      r.sharding == t.sharding for r, t in zip(jax.tree.leaves(restored), jax.tree.leaves(target), strict=True)
+    )
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), dist.to_host(restored), expected)
+    assert all(jax.tree.leaves(same)), same
+
+  host = result_arrays(dist.to_host(params), dist.to_host(state))
+  if pid == 0:
+    np.savez(os.path.join(args.out, "sharded.npz"), **host)
+  print(f"process {pid}: sharded done", flush=True)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("mode", choices=["train", "init"])
+  parser.add_argument("mode", choices=["train", "sharded", "init"])
   parser.add_argument("--coordinator", required=True)
   parser.add_argument("--num-processes", type=int, required=True)
   parser.add_argument("--process-id", type=int, required=True)
@@ -149,6 +219,9 @@ def main(argv=None) -> None:
   )
   if args.mode == "init":
     print(f"process {args.process_id}: joined, {jax.process_count()} processes", flush=True)
+    return
+  if args.mode == "sharded":
+    _sharded(args)
     return
   _train(args)
 

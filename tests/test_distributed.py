@@ -154,6 +154,21 @@ def test_two_processes_equal_one_process_with_four_devices(two_process_run):
   assert int(result["count"]) == worker.STEPS
 
 
+def test_two_processes_with_sharded_parameters_equal_one_device(tmp_path):
+  """2 processes x 2 devices on a (data=2, model=2) mesh, parameters and state sharded over 'model'.
+
+  The worker checks that every leaf stays sharded (each device holds half of it) and that an orbax
+  checkpoint of the sharded state restores into the same layout and into a replicated one, bit for bit.
+  """
+  port = _free_port()
+  results = _run(tmp_path, [_args("sharded", port, 2, i, "--out", str(tmp_path)) for i in range(2)], RUN_TIMEOUT_S)
+  for i, (code, text) in enumerate(results):
+    assert code == 0, f"process {i} exited with {code}:\n{text[-4000:]}"
+    assert f"process {i}: sharded done" in text
+  result = dict(np.load(tmp_path / "sharded.npz"))
+  _assert_close(result, worker.result_arrays(*dist.to_host(_train_here(2))))
+
+
 def test_two_processes_equal_m4_on_one_device(two_process_run):
   _, result, _ = two_process_run
   reference = worker.result_arrays(*dist.to_host(_train_here(4)))
