@@ -41,6 +41,7 @@ known posterior.
 
 from typing import Any
 from typing import NamedTuple
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ from bsam_optax._checks import check_positive
 
 Params = Any
 Updates = Any
-ScalarOrSchedule = optax.ScalarOrSchedule
+ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
 
 __all__ = [
   "BSAMState",
@@ -79,7 +80,7 @@ class BSAMState(NamedTuple):
   :func:`perturbed_params` need nothing but the optimizer state.
   """
 
-  count: jax.Array  # shape (), int32: number of updates so far
+  count: jax.Array  # type: ignore[assignment]  # shape (), int32: number of updates so far
   momentum: Updates  # g_m, the EMA of perturbed gradients (+ δω)
   scale: Updates  # s, the diagonal precision; variance is 1 / (N s)
   rho: jax.Array  # shape (), ρ for the next step (schedules evaluated at count)
@@ -567,7 +568,8 @@ def bsam_step(
     >>> params, state, info = step(params, state, batch, jax.random.key(0))
   """
   # bSAM's earlier names for the passes, kept for code written against them.
-  aux_from = {"noisy": "first", "perturbed": "second"}.get(options.get("aux_from"), options.get("aux_from", "second"))
+  aux_from = options.get("aux_from", "second")
+  aux_from = {"noisy": "first", "perturbed": "second"}.get(aux_from, aux_from)
   options = dict(options, aux_from=aux_from)
   return _step.make_perturbation_step(loss_fn, tx, bsam_rule(noise=noise), m=m, axis_name=axis_name, **options)
 

@@ -40,6 +40,7 @@ References:
 
 from typing import Any
 from typing import NamedTuple
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ from bsam_optax._checks import check_positive
 
 Params = Any
 Updates = Any
-ScalarOrSchedule = optax.ScalarOrSchedule
+ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
 
 __all__ = ["MFVIState", "mfvi", "mfvi_rule", "mfvi_sample", "mfvi_step", "scale_by_mfvi"]
 
@@ -61,7 +62,7 @@ __all__ = ["MFVIState", "mfvi", "mfvi_rule", "mfvi_sample", "mfvi_step", "scale_
 class MFVIState(NamedTuple):
   """State of :func:`scale_by_mfvi`: Adam moments of the mean μ and of λ = log σ, and λ itself."""
 
-  count: jax.Array  # shape (), int32: number of updates so far
+  count: jax.Array  # type: ignore[assignment]  # shape (), int32: number of updates so far
   mean_m: Updates  # Adam's first moment of g_μ
   mean_v: Updates  # Adam's second moment of g_μ
   log_std: Updates  # λ = log σ, the variational log standard deviation

@@ -113,7 +113,7 @@ def gaussian_params(key: jax.Array, params: Params, opt_state, *, temperature=1.
   """
   std = find_posterior_state(opt_state).posterior_std()
   z = _noise.normal_like(key, params, noise=noise)
-  scale = jnp.sqrt(jnp.asarray(temperature, jnp.float32))
+  scale: jax.Array | None = jnp.sqrt(jnp.asarray(temperature, jnp.float32))
   if isinstance(temperature, (int, float)) and temperature == 1.0:
     scale = None
   return jax.tree.map(

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import Literal
 from typing import NamedTuple
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -176,7 +177,7 @@ def _batch_size(batch) -> int:
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ValueError("batch must contain at least one array")
-  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  sizes: set[Any] = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
   if None in sizes:
     raise ValueError(
       "every leaf of batch needs a leading batch axis; found a scalar (is the batch passed as the "
@@ -317,7 +318,8 @@ def _on_mesh(build, options: StepOptions, with_state: bool):
 
   Both give the parts the same indices, so the same result.
   """
-  mesh, axis_name, m = options.mesh, options.axis_name, options.m
+  # StepOptions checked that mesh= comes with axis_name=.
+  mesh, axis_name, m = cast(Mesh, options.mesh), cast(str, options.axis_name), options.m
   num_devices = mesh.shape[axis_name]
   replicated = PartitionSpec()
   donate_argnums = (0, 1) if options.donate and with_state else ()
@@ -389,10 +391,10 @@ def perturbation_gradients(loss_fn: LossFn, rule: PerturbationRule, **options):
     raise TypeError(
       "perturbation_gradients takes no donate= (it does not own the buffers); make_perturbation_step does"
     )
-  options = StepOptions(**options)
-  if options.mesh is None:
-    return _gradients(loss_fn, rule, options)
-  return _on_mesh(lambda local: _gradients(loss_fn, rule, local), options, with_state=False)
+  step_options = StepOptions(**options)
+  if step_options.mesh is None:
+    return _gradients(loss_fn, rule, step_options)
+  return _on_mesh(lambda local: _gradients(loss_fn, rule, local), step_options, with_state=False)
 
 
 def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
@@ -527,7 +529,7 @@ def make_perturbation_step(loss_fn: LossFn, tx: optax.GradientTransformation, ru
   """
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     raise TypeError(f"tx must be an optax.GradientTransformation (or MultiSteps), got {type(tx).__name__}")
-  options = StepOptions(**options)
+  step_options = StepOptions(**options)
 
   def build(options):
     gradients = _gradients(loss_fn, rule, options)
@@ -540,8 +542,8 @@ def make_perturbation_step(loss_fn: LossFn, tx: optax.GradientTransformation, ru
 
     return local_step
 
-  if options.mesh is not None:
-    return _on_mesh(build, options, with_state=True)
-  if options.axis_name is not None:
-    return build(options)
-  return jax.jit(build(options), donate_argnums=(0, 1) if options.donate else ())
+  if step_options.mesh is not None:
+    return _on_mesh(build, step_options, with_state=True)
+  if step_options.axis_name is not None:
+    return build(step_options)
+  return jax.jit(build(step_options), donate_argnums=(0, 1) if step_options.donate else ())

@@ -51,6 +51,7 @@ References:
 import math
 from typing import Any
 from typing import NamedTuple
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ from bsam_optax._checks import check_positive
 
 Params = Any
 Updates = Any
-ScalarOrSchedule = optax.ScalarOrSchedule
+ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
 
 __all__ = [
   "VSAMState",
@@ -83,7 +84,7 @@ _SAM_RHO = 0.05
 class VSAMState(NamedTuple):
   """State of :func:`scale_by_vsam`: Adam moments of μ and of λ = log σ, λ itself, and ρ."""
 
-  count: jax.Array  # shape (), int32: number of updates so far
+  count: jax.Array  # type: ignore[assignment]  # shape (), int32: number of updates so far
   mean_m: Updates  # Adam's first moment of the mean's gradient
   mean_v: Updates  # Adam's second moment of the mean's gradient
   log_std: Updates  # λ = log σ; Σ = diag(exp(2 λ))

@@ -216,7 +216,7 @@ def initialize(
   deadline = time.monotonic() + timeout_s
   if coordinator_address is not None and process_id not in (None, 0):
     _wait_for_coordinator(coordinator_address, deadline)
-  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):  # type: ignore[attr-defined]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
   who = f"process {process_id} of {num_processes} at {coordinator_address}"
@@ -323,7 +323,7 @@ def shard_batch(local_batch, mesh: Mesh, axis_name: str = "data", *, m: int = 1)
   leaves = jax.tree.leaves(local_batch)
   if not leaves:
     raise ValueError("local_batch must contain at least one array")
-  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  sizes: set[Any] = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
   if None in sizes or len(sizes) != 1:
     raise ValueError(f"every leaf of local_batch needs the same leading batch size, got {sizes}")
   local_size = sizes.pop()
