@@ -99,7 +99,14 @@ LABELS = {
   "asam": "ASAM-SGD",
 }
 BAYESIAN = ("bsam", "bsam_no_noise")
-METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence")
+METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence", "acc_at_90")
+# Post-hoc calibration on the validation split. Logit temperature scaling (Guo et al., 2017) of a point estimate:
+# softmax(logits / τ) with τ from this grid by validation NLL. The posterior temperature of bSAM's model average:
+# θ_j = ω + √T σ z_j (the same z_j for every T) with T from bo.select_temperature's default grid (0 and
+# 2^-10 ... 2^2) by validation NLL; T = 0 is the posterior mean.
+LOGIT_TEMPERATURES = tuple(float(t) for t in np.exp(np.linspace(np.log(0.1), np.log(10.0), 61)))
+POSTERIOR_TEMPERATURES = (0.0,) + tuple(2.0**k for k in range(-10, 3))
+COVERAGE = 0.9  # selective prediction: accuracy on the 90% most confident test examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +120,7 @@ class Setup:
   m: int = 8
   eval_samples: int = 32  # S, posterior samples of bSAM's model average
   num_bins: int = 20
+  curvature: str = "abs_grad"  # bSAM's scale update (bo.bsam's curvature=); static, so not in the grids
 
 
 # --------------------------------------------------------------------------- methods
@@ -126,7 +134,15 @@ def _model(name: str, num_classes: int):
   return _models.make_model("cnn", num_classes, channels=(16, 16, 16))
 
 
-def build_method(method: str, hp: dict[str, Any], loss_fn: Callable, total_steps: int, n_train: int, m: int):
+def build_method(
+  method: str,
+  hp: dict[str, Any],
+  loss_fn: Callable,
+  total_steps: int,
+  n_train: int,
+  m: int,
+  curvature: str = "abs_grad",
+):
   """Returns ``(tx, step)`` for ``method`` with (possibly traced) hyper-parameters ``hp``."""
   schedule = optax.cosine_decay_schedule(hp["learning_rate"], total_steps)  # annealed to 0 (App. G)
   wd = optax.add_decayed_weights(hp["weight_decay"])
@@ -160,6 +176,7 @@ def build_method(method: str, hp: dict[str, Any], loss_fn: Callable, total_steps
       weight_decay=hp["weight_decay"],
       damping=hp["damping"],
       init_scale=hp["init_scale"],
+      **({} if curvature == "abs_grad" else {"curvature": curvature}),
     )
     make = bo.bsam_step if method == "bsam" else bo.bsam_no_noise_step
     return tx, make(loss_fn, tx, m=m)
@@ -169,11 +186,23 @@ def build_method(method: str, hp: dict[str, Any], loss_fn: Callable, total_steps
 # --------------------------------------------------------------------------- one run
 
 
+def accuracy_at_coverage(probs, labels, coverage=COVERAGE):
+  """Selective prediction: the accuracy on the ``coverage`` fraction of examples with the highest confidence."""
+  keep = max(1, math.ceil(coverage * probs.shape[0]))
+  order = jnp.argsort(-jnp.max(probs, axis=-1))[:keep]
+  return jnp.mean(jnp.argmax(probs[order], axis=-1) == labels[order])
+
+
 def _metrics_of(probs, labels, probs_ood, num_bins):
   out = _metrics.classification_metrics(probs, labels, num_bins)
   out["ood_auroc"] = _metrics.ood_auroc(probs, probs_ood)
   out["confidence"] = jnp.mean(jnp.max(probs, axis=-1))  # > accuracy: overconfident
+  out["acc_at_90"] = accuracy_at_coverage(probs, labels)
   return {k: out[k] for k in METRICS}
+
+
+def _nll_of_log_probs(log_probs, labels):
+  return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
 def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_list=None):
@@ -184,7 +213,10 @@ def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_lis
   has one entry per run, for ``pred`` in ``"mean"`` (and ``"average"`` for
   bSAM, and ``"average_S"`` for every S of ``eval_samples_list``) and
   ``split`` in ``"validation"`` and ``"test"``; ``metrics["train_loss"]`` is
-  the mean loss of the last epoch.
+  the mean loss of the last epoch. Post-hoc calibration on the validation
+  split: ``"mean_ts"`` (logit temperature scaling of the point estimate, its
+  ``"tau"``) and, for bSAM, ``"average_cal"`` (the model average at the
+  posterior temperature ``"temperature"`` with the lowest validation NLL).
   """
   model = _model(setup.model, data.num_classes)
   n_train = data.train.y.shape[0]
@@ -210,7 +242,7 @@ def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_lis
 
   def one_run(hp, seed):
     key = jax.random.key(seed)
-    tx, step = build_method(method, hp, loss_fn, total_steps, n_train, setup.m)
+    tx, step = build_method(method, hp, loss_fn, total_steps, n_train, setup.m, setup.curvature)
     params = model.init(jax.random.fold_in(key, 0), data.train.x[:1])["params"]
     opt_state = tx.init(params)
     data_key, step_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
@@ -229,7 +261,13 @@ def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_lis
       return carry, jnp.mean(losses)
 
     (params, opt_state), losses = jax.lax.scan(epoch, (params, opt_state), jnp.arange(setup.epochs))
-    out = {"train_loss": losses[-1], "mean": evaluate(jax.nn.softmax(apply_fn(params, inputs)))}
+    logits = apply_fn(params, inputs)
+    out = {"train_loss": losses[-1], "mean": evaluate(jax.nn.softmax(logits))}
+    # Logit temperature scaling: τ by validation NLL on a log grid.
+    taus = jnp.asarray(LOGIT_TEMPERATURES, jnp.float32)
+    val_nll = jax.vmap(lambda tau: _nll_of_log_probs(jax.nn.log_softmax(logits[:n_val] / tau), data.validation.y))
+    out["tau"] = taus[jnp.argmin(val_nll(taus))]
+    out["mean_ts"] = evaluate(jax.nn.softmax(logits / out["tau"]))
     eval_key = jax.random.fold_in(key, 3)
     for s in samples:
       chunk = math.gcd(s, 8)
@@ -237,6 +275,21 @@ def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_lis
       out[f"average_{s}"] = evaluate(probs)
     if bayesian:
       out["average"] = out[f"average_{setup.eval_samples}"]
+      # The posterior temperature: the same samples (eval_key) for every T, T by validation NLL.
+      s, chunk = setup.eval_samples, math.gcd(setup.eval_samples, 8)
+      temps = jnp.asarray(POSTERIOR_TEMPERATURES, jnp.float32)
+
+      def val_nll_at(t):
+        probs = bo.predictive(
+          apply_fn, eval_key, params, opt_state, data.validation.x, s, chunk_size=chunk, temperature=t
+        )
+        return _metrics.nll(probs, data.validation.y)
+
+      out["temperature"] = temps[jnp.argmin(jax.lax.map(val_nll_at, temps))]
+      probs = bo.predictive(
+        apply_fn, eval_key, params, opt_state, inputs, s, chunk_size=chunk, temperature=out["temperature"]
+      )
+      out["average_cal"] = evaluate(probs)
     return out
 
   return jax.jit(jax.vmap(one_run))
@@ -333,6 +386,53 @@ def rows_for(method, configs, metrics, by="accuracy"):
   return rows, summary
 
 
+CAL_HEADER = (
+  "| method | post-hoc calibration (on validation) | accuracy (%) ↑ | NLL ↓ | ECE ↓ | "
+  f"acc. @ {COVERAGE:.0%} coverage (%) ↑ | OOD AUROC ↑ | conf. − acc. (%) |"
+)
+CAL_RULE = "|---|---|---|---|---|---|---|---|"
+
+
+def calibration_cells(test: dict[str, np.ndarray]) -> list[str]:
+  return [
+    fmt(test["accuracy"], 1, 100),
+    fmt(test["nll"], 3),
+    fmt(test["ece"], 3),
+    fmt(test["acc_at_90"], 1, 100),
+    fmt(test["ood_auroc"], 3),
+    fmt(np.asarray(test["confidence"]) - np.asarray(test["accuracy"]), 1, 100),
+  ]
+
+
+def calibration_rows(method, configs, metrics, by="accuracy"):
+  """Markdown rows of the selected configuration, uncalibrated and after its post-hoc calibration."""
+  bayesian = method in BAYESIAN
+  best = select(metrics, "average" if bayesian else "mean", by)
+  label = LABELS[method]
+  tau = np.asarray(metrics["tau"])[best]
+  entries = []
+  if bayesian:
+    temperature = np.asarray(metrics["temperature"])[best]
+    t_str = ", ".join(f"{t:g}" for t in temperature)
+    entries += [
+      (f"{label} (model avg)", "none (T = 1)", "average"),
+      (f"{label} (model avg)", f"posterior temperature, T = {t_str}", "average_cal"),
+      (f"{label} (post. mean)", "none", "mean"),
+      (f"{label} (post. mean)", f"logit TS, τ = {fmt(tau, 2)}", "mean_ts"),
+    ]
+  else:
+    entries += [(label, "none", "mean"), (label, f"logit TS, τ = {fmt(tau, 2)}", "mean_ts")]
+  rows, summary = [], {}
+  for name, calibration, pred in entries:
+    test = {k: v[best] for k, v in metrics[pred]["test"].items()}
+    rows.append(f"| {name} | {calibration} | " + " | ".join(calibration_cells(test)) + " |")
+    summary[f"{name} [{pred}]"] = {k: [float(x) for x in v] for k, v in test.items()}
+  if bayesian:
+    summary[f"{label} (model avg) [average_cal]"]["temperature"] = [float(t) for t in temperature]
+  summary[f"{label}{' (post. mean)' if bayesian else ''} [mean_ts]"]["tau"] = [float(t) for t in tau]
+  return rows, summary
+
+
 def grid_str(grids) -> str:
   lines = []
   for method, grid in grids.items():
@@ -367,7 +467,30 @@ def parse_args(argv):
   parser.add_argument("--grid", default=None, help="JSON of grids {model: {method: {name: [values]}}} to use instead")
   parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/uncertainty[_quick].md)")
   parser.add_argument("--from-grid", default=None, help="re-render the tables from a saved *_grid.json, no training")
+  parser.add_argument(
+    "--selected",
+    nargs="?",
+    const=os.path.join(RESULTS, "uncertainty.json"),
+    default=None,
+    help="rerun only the configurations selected in this summary (default benchmarks/results/uncertainty.json), "
+    "one per method and model, instead of the grids (~1/6 of the time)",
+  )
   return parser.parse_args(argv)
+
+
+def selected_grids(path: str, models, methods) -> dict[str, dict[str, dict[str, list[float]]]]:
+  """``{model: {method: {name: [value]}}}``: the one configuration per method that ``path`` selected."""
+  with open(path) as f:
+    summary = json.load(f)
+  grids = {}
+  for model in models:
+    grids[model] = {}
+    for method in methods:
+      label = LABELS[method] + (" (model avg)" if method in BAYESIAN else "")
+      if label not in summary.get(model, {}):
+        raise ValueError(f"{path} has no selected configuration for {model}/{label}")
+      grids[model][method] = {k: [v] for k, v in summary[model][label]["config"].items()}
+  return grids
 
 
 def _to_lists(tree):
@@ -395,6 +518,14 @@ def render(results, info, argv_str):
     + ". Grids:",
     "",
   ]
+  if info.get("selected_from"):
+    lines[-1] = lines[-1].replace(". Grids:", ".")
+    lines += [
+      f"**Only the configurations selected in `{info['selected_from']}` were rerun** (one per method and model, "
+      "with the same seeds, instead of the full grids: about 1/6 of the full run's time), so the selection "
+      "columns below re-select among one configuration each. Configurations:",
+      "",
+    ]
   for model, grids in info["grids"].items():
     lines += [f"{model.upper()} ({'40-128-128-10' if model == 'mlp' else '3 x conv(16, k=5, stride 2)'}):", ""]
     lines += [grid_str(grids), ""]
@@ -410,6 +541,28 @@ def render(results, info, argv_str):
         if by == "accuracy":
           summary.setdefault(model, {}).update(row_summary)
       lines.append("")
+  lines += [
+    "## Post-hoc calibration",
+    "",
+    "The configurations selected by validation accuracy (the first table), each beside the post-hoc calibration its "
+    "users would apply, fitted on the same validation split: logit temperature scaling (Guo et al., 2017; τ from a "
+    f"log grid over 0.1-10 by validation NLL) for point estimates, the posterior temperature (bSAM's model average at "
+    f"N(ω, T / (N s)), the same {info['eval_samples']} samples for every T; T ∈ {{0, 2^-10, ..., 4}} by validation "
+    "NLL, as `bo.select_temperature`) for bSAM's model average. Selective prediction: accuracy on the "
+    f"{COVERAGE:.0%} most confident test examples.",
+    "",
+  ]
+  cal_summary = {}
+  for model, per_method in results.items():
+    lines += [f"### {model.upper()}", "", CAL_HEADER, CAL_RULE]
+    for method, (configs, metrics) in per_method.items():
+      if "tau" not in metrics:  # a grid saved before calibration was measured
+        continue
+      rows, row_summary = calibration_rows(method, configs, metrics)
+      lines += rows
+      cal_summary.setdefault(model, {}).update(row_summary)
+    lines.append("")
+  summary["_calibration"] = cal_summary
   lines += [
     "Wall time per method (all grid points and seeds, compilation included): "
     + ", ".join(f"{k} {v:.0f} s" for k, v in info["times"].items())
@@ -437,18 +590,22 @@ def main(argv=None):
     models = args.models or (["mlp"] if quick else ["mlp", "cnn"])
     methods = args.methods or list(QUICK_GRIDS)
     all_grids = json.loads(args.grid) if args.grid else (None if quick else GRIDS)
-    grids = {m: {k: (all_grids[m] if all_grids else QUICK_GRIDS)[k] for k in methods} for m in models}
+    if args.selected:
+      grids = selected_grids(args.selected, models, methods)
+    else:
+      grids = {m: {k: (all_grids[m] if all_grids else QUICK_GRIDS)[k] for k in methods} for m in models}
     seeds = list(range(args.seeds or (2 if quick else 3)))
     epochs = args.epochs or (5 if quick else 60)
     bsam_fixed = json.loads(args.bsam) if args.bsam else {}
+    curvature = bsam_fixed.get("curvature", "abs_grad")
     data = _data.load_dataset("mnist1d")
     results, times = {}, {}
     for model in models:
-      setup = Setup(model=model, epochs=epochs, eval_samples=args.eval_samples)
+      setup = Setup(model=model, epochs=epochs, eval_samples=args.eval_samples, curvature=curvature)
       results[model] = {}
       for method in methods:
         start = time.perf_counter()
-        fixed = bsam_fixed if method in BAYESIAN else None
+        fixed = {k: v for k, v in bsam_fixed.items() if k != "curvature"} if method in BAYESIAN else None
         results[model][method] = run_grid(method, setup, data, grids[model][method], seeds, fixed)
         times[f"{model}/{method}"] = time.perf_counter() - start
         print(
@@ -466,6 +623,7 @@ def main(argv=None):
       "eval_samples": args.eval_samples,
       "bsam_fixed": bsam_fixed,
       "grids": grids,
+      "selected_from": os.path.relpath(args.selected, os.path.dirname(RESULTS)) if args.selected else None,
       "times": times,
       "environment": environment(),
     }

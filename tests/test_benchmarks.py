@@ -60,6 +60,7 @@ def test_uncertainty_quick(uncertainty_run):
   out, summary = uncertainty_run
   text = out.read_text()
   assert "## Selected by validation accuracy" in text and "## Selected by validation NLL" in text
+  text, calibration = text.split("## Post-hoc calibration")
   rows = _table_rows(text, tuple(UNCERTAINTY_ROWS))
   assert set(rows) == set(UNCERTAINTY_ROWS)
   for label, means in rows.items():
@@ -69,6 +70,17 @@ def test_uncertainty_quick(uncertainty_run):
     assert row["config"] and len(row["accuracy"]) == 1
     assert 0 <= row["accuracy"][0] <= 1 and row["nll"][0] > 0 and 0 <= row["ece"][0] <= 1
   assert out.with_name("uncertainty_grid.json").stat().st_size > 0
+  # Post-hoc calibration: each method uncalibrated and calibrated on validation (bSAM: both predictions).
+  lines = [line for line in calibration.splitlines() if line.startswith("| ") and "accuracy (%)" not in line]
+  assert len(lines) == 2 * len(UNCERTAINTY_ROWS), lines
+  for line in lines:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    accuracy, nll, ece, acc_at_90, ood_auroc, gap = (float(CELL.match(c).group(1)) for c in cells[-6:])
+    _check_metrics(cells[0], accuracy, nll, ece, 0.5, ood_auroc, gap)
+    assert 0 <= acc_at_90 <= 100, line
+  temperature = summary["_calibration"]["mlp"]["bSAM (model avg) [average_cal]"]["temperature"][0]
+  assert temperature == 0 or 2**-10 <= temperature <= 4
+  assert 0.1 <= summary["_calibration"]["mlp"]["SGD [mean_ts]"]["tau"][0] <= 10
 
 
 @needs_mnist1d
