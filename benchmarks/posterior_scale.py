@@ -19,6 +19,15 @@ for several scale updates (the data term ``d`` in
   (Shen et al., 2024, "Variational Learning is Effective for Large Deep
   Networks").
 
+Variants that did not work are kept for the record (``--curvatures``):
+``reparam_clip`` (no correction, ``s`` clipped at ``δ + γ``: diverged once),
+``reparam_cv`` (the gradient at ω + ε as a control variate; better here, but
+it needs the second gradient per part, which the rule's ``update_args`` does
+not get) and ``fisher`` (``B_k g_k²``, the minibatch estimate of the
+per-example gradient variance: far too narrow, the mean gradient at θ is not
+zero under SGD). Results and the MNIST-1D measurements:
+``benchmarks/results/posterior_scale.md``.
+
 The steps here are a self-contained restatement of bSAM's step (Alg. 1; m
 parts as in App. E.4) so that every variant runs the same code; with
 ``--library`` the ``abs_grad`` and ``reparam`` rows go through
@@ -112,6 +121,13 @@ def run(
       h = jnp.mean(g * (theta - w) * n * s, 0)
       t = h + weight_decay + damping
       s = b2 * s + (1 - b2) * t + 0.5 * (1 - b2) ** 2 * (s - t) ** 2 / s
+    elif curvature == "reparam_cv":  # the gradient at ω + ε (same data) as a control variate
+      h = jnp.mean((g - g_eps) * (theta - w) * n * s, 0)
+      t = h + weight_decay + damping
+      s = b2 * s + (1 - b2) * t + 0.5 * (1 - b2) ** 2 * (s - t) ** 2 / s
+    elif curvature == "fisher":  # B_k g_k²: the per-example gradient variance (empirical Fisher), always >= 0
+      part = xb.shape[1]
+      s = b2 * s + (1 - b2) * (jnp.mean(part * g**2, 0) + weight_decay + damping)
     elif curvature == "reparam_clip":  # no correction, clipped at δ + γ instead
       h = jnp.mean(g * (theta - w) * n * s, 0)
       s = jnp.maximum(b2 * s + (1 - b2) * (h + weight_decay + damping), weight_decay + damping)

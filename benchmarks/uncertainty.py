@@ -150,10 +150,10 @@ def build_method(
   adam = lambda: optax.chain(wd, optax.adam(schedule, b1=hp["b1"], b2=hp["b2"]))
   if method == "sgd":
     tx = sgd()
-    return tx, bo.make_perturbation_step(loss_fn, tx, None, None)
+    return tx, bo.make_perturbation_step(loss_fn, tx, bo.PerturbationRule())
   if method == "adam":
     tx = adam()
-    return tx, bo.make_perturbation_step(loss_fn, tx, None, None)
+    return tx, bo.make_perturbation_step(loss_fn, tx, bo.PerturbationRule())
   if method == "sam_sgd":
     tx = sgd()
     return tx, bo.sam_step(loss_fn, tx, rho=hp["rho"], m=m)
