@@ -519,7 +519,11 @@ def render(results, info, argv_str):
     "",
   ]
   if info.get("selected_from"):
-    lines[-1] = lines[-1].replace(". Grids:", ".")
+    lines[-2] = lines[-2].replace(". Grids:", ".")
+    lines[-4] = lines[-4].replace(
+      "Every grid point is trained with every seed; the selected configuration (below) is reported",
+      "Every configuration is trained with every seed and reported",
+    )
     lines += [
       f"**Only the configurations selected in `{info['selected_from']}` were rerun** (one per method and model, "
       "with the same seeds, instead of the full grids: about 1/6 of the full run's time), so the selection "
