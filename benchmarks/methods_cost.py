@@ -1,0 +1,97 @@
+"""Step time of every method of the library relative to Adam, measured side by side (the README's method table).
+
+The MLP 784-500-300-10 of ``cost.py`` (545,810 parameters), batch 128 of
+random data, float32, m = 1 and 8, default (threefry) keys. Every method is
+one compiled ``step(params, opt_state, batch, key)``; the methods interleave
+over ``--rounds`` rounds of ``--steps`` steps (``cost.py``'s timing), and the
+ratios are medians of per-round ratios to Adam (robust to the load of a
+shared machine drifting between rounds).
+
+Usage::
+
+  python benchmarks/methods_cost.py            # writes benchmarks/results/methods_cost.md (~5 min)
+  python benchmarks/methods_cost.py --quick    # m = 1, 2 rounds; prints, writes nothing
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+
+import jax
+import optax
+
+import bsam_optax as bo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cost  # noqa: E402
+
+LR, N_DATA, RHO = cost.LR, cost.N_DATA, cost.RHO
+
+
+def _methods():
+  adam = lambda: optax.adam(LR)
+  return {
+    "Adam": lambda loss, m: (bo.make_perturbation_step(loss, adam(), bo.PerturbationRule(), m=m), adam()),
+    "SAM-Adam": lambda loss, m: (bo.sam_step(loss, adam(), rho=RHO, m=m), adam()),
+    "ASAM-Adam": lambda loss, m: (bo.asam_step(loss, adam(), rho=0.5, eta=0.01, m=m), adam()),
+    "Fisher-SAM-Adam": lambda loss, m: (bo.fisher_sam_step(loss, adam(), rho=0.1, eta=1.0, m=m), adam()),
+    "RandomSAM-Adam": lambda loss, m: (bo.random_sam_step(loss, adam(), sigma=1e-3, m=m), adam()),
+    "bSAM": lambda loss, m: (bo.bsam_step(loss, bo.bsam(LR, N_DATA, rho=RHO), m=m), bo.bsam(LR, N_DATA, rho=RHO)),
+    "MFVI": lambda loss, m: (bo.mfvi_step(loss, bo.mfvi(LR, N_DATA), m=m), bo.mfvi(LR, N_DATA)),
+    "VSAM": lambda loss, m: (bo.vsam_step(loss, bo.vsam(LR, N_DATA), m=m), bo.vsam(LR, N_DATA)),
+  }
+
+
+def run(ms, rounds, steps, log):
+  prob = cost.make_problem("mlp")
+  rows = {}
+  for m in ms:
+    methods = {}
+    for name, make in _methods().items():
+      step, tx = make(prob.loss_fn, m)
+      methods[name] = cost.step_method(step, prob.params, tx.init(prob.params), prob.batch, cost._keys(None))
+    log(f"m={m}: timing {list(methods)}")
+    times = cost.time_methods(methods, rounds, steps)
+    rows[m] = {
+      name: (statistics.median(t), cost.median_ratio(times, name, "Adam") if name != "Adam" else 1.0)
+      for name, t in times.items()
+    }
+    for name, (ms_, ratio) in rows[m].items():
+      log(f"  {name}: {ms_:.2f} ms, {ratio:.2f}x Adam")
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--rounds", type=int, default=9)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--out", default=os.path.join(cost.RESULTS, "methods_cost.md"))
+  args = parser.parse_args(argv)
+  ms, rounds = ((1,), 2) if args.quick else ((1, 8), args.rounds)
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  rows = run(ms, rounds, args.steps, log)
+  lines = [
+    "# Step time of every method relative to Adam",
+    "",
+    f"Command: `python benchmarks/methods_cost.py` — MLP 784-500-300-10 (545,810 parameters), batch 128, "
+    f"{rounds} rounds x {args.steps} steps per method, interleaved; medians over rounds (ratios: medians of "
+    f"per-round ratios to Adam). Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), "
+    f"{jax.default_backend()}; jax {jax.__version__}, optax {optax.__version__}.",
+    "",
+    "| method | " + " | ".join(f"m = {m}: ms | m = {m}: / Adam" for m in ms) + " |",
+    "|---|" + "---|---|" * len(ms),
+  ]
+  for name in _methods():
+    lines.append(f"| {name} | " + " | ".join(f"{rows[m][name][0]:.2f} | {rows[m][name][1]:.2f}" for m in ms) + " |")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if not args.quick:
+    with open(args.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()
