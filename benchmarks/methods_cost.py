@@ -68,15 +68,17 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--rounds", type=int, default=9)
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--m", type=int, nargs="+", default=[1, 8])
   parser.add_argument("--out", default=os.path.join(cost.RESULTS, "methods_cost.md"))
   args = parser.parse_args(argv)
-  ms, rounds = ((1,), 2) if args.quick else ((1, 8), args.rounds)
+  ms, rounds = ((1,), 2) if args.quick else (tuple(args.m), args.rounds)
   log = lambda s: print(s, file=sys.stderr, flush=True)
   rows = run(ms, rounds, args.steps, log)
+  command = " ".join(["python benchmarks/methods_cost.py", *(argv if argv is not None else sys.argv[1:])])
   lines = [
     "# Step time of every method relative to Adam",
     "",
-    f"Command: `python benchmarks/methods_cost.py` — MLP 784-500-300-10 (545,810 parameters), batch 128, "
+    f"Command: `{command}` — MLP 784-500-300-10 (545,810 parameters), batch 128, "
     f"{rounds} rounds x {args.steps} steps per method, interleaved; medians over rounds (ratios: medians of "
     f"per-round ratios to Adam). Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), "
     f"{jax.default_backend()}; jax {jax.__version__}, optax {optax.__version__}.",
