@@ -61,6 +61,12 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "sam_sgd": {"learning_rate": [0.1, 0.3, 1.0], "weight_decay": [1e-3, 3e-3], "rho": [0.1, 0.2, 0.3]},
     "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-3, 3e-3], "rho": [0.1, 0.2, 0.3]},
     "bsam": {"learning_rate": [1.0, 2.0, 4.0], "weight_decay": [3e-4, 1e-3], "rho": [0.05, 0.1, 0.2]},
+    # The variational family (issue 13), smaller grids: MFVI around its one-seed pilot's best (lr 3e-3-1e-2);
+    # VSAM at SAM-Adam's lr and δ with the bound on σ (max_std = 10 is no bound: σ stays below σ0 = 0.53);
+    # Fisher-SAM-SGD at SAM-SGD's selected lr and δ, over SAM-SGD's ρ grid (η = 1, Kim et al.).
+    "mfvi": {"learning_rate": [3e-3, 1e-2], "weight_decay": [1e-3, 3e-3]},
+    "vsam": {"learning_rate": [1e-2], "weight_decay": [1e-3], "max_std": [1e-3, 3e-3, 10.0]},
+    "fisher_sam": {"learning_rate": [0.3], "weight_decay": [1e-3], "rho": [0.1, 0.2, 0.3]},
   },
   "cnn": {
     "sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-4, 1e-3]},
@@ -68,6 +74,9 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "sam_sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
     "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
     "bsam": {"learning_rate": [0.3, 1.0, 2.0], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
+    "mfvi": {"learning_rate": [3e-3, 1e-2], "weight_decay": [1e-4, 1e-3]},
+    "vsam": {"learning_rate": [1e-2], "weight_decay": [1e-3], "max_std": [1e-3, 3e-3, 10.0]},
+    "fisher_sam": {"learning_rate": [0.3], "weight_decay": [1e-3], "rho": [0.02, 0.05, 0.1]},
   },
 }
 QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
@@ -76,7 +85,13 @@ QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
   "sam_sgd": {"learning_rate": [0.1], "weight_decay": [1e-4], "rho": [0.05]},
   "sam_adam": {"learning_rate": [3e-3], "weight_decay": [1e-4], "rho": [0.05]},
   "bsam": {"learning_rate": [0.1], "weight_decay": [1e-4], "rho": [0.01]},
+  "mfvi": {"learning_rate": [3e-3], "weight_decay": [1e-3]},
+  "vsam": {"learning_rate": [1e-2], "weight_decay": [1e-3], "max_std": [3e-3]},
+  "fisher_sam": {"learning_rate": [0.1], "weight_decay": [1e-4], "rho": [0.05]},
 }
+# The methods of a run without --methods (and of the CI's --quick); the variational family's rows come from
+# `--models mlp --methods mfvi vsam fisher_sam` (results/uncertainty_variational.md).
+DEFAULT_METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam")
 # Hyper-parameters that are not searched (overridable per run).
 FIXED: dict[str, float] = {
   "momentum": 0.9,  # SGD, SAM-SGD
@@ -87,6 +102,8 @@ FIXED: dict[str, float] = {
   "n_data_scale": 1.0,  # N = n_data_scale x train size (bSAM); > 1 tempers the posterior
   "sigma": 0.01,  # RandomSAM
   "eta": 0.01,  # ASAM
+  "fisher_eta": 1.0,  # η of Fisher SAM's f = 1 + η g² (Kim et al.)
+  "init_std": 1e-2,  # σ at step 0 (MFVI)
 }
 LABELS = {
   "sgd": "SGD",
@@ -97,8 +114,11 @@ LABELS = {
   "bsam_no_noise": "bSAM w/o noise",
   "random_sam": "RandomSAM-SGD",
   "asam": "ASAM-SGD",
+  "mfvi": "MFVI",
+  "vsam": "VSAM",
+  "fisher_sam": "Fisher-SAM-SGD",
 }
-BAYESIAN = ("bsam", "bsam_no_noise")
+BAYESIAN = ("bsam", "bsam_no_noise", "mfvi", "vsam")
 METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence", "acc_at_90")
 # Post-hoc calibration on the validation split. Logit temperature scaling (Guo et al., 2017) of a point estimate:
 # softmax(logits / τ) with τ from this grid by validation NLL. The posterior temperature of bSAM's model average:
@@ -166,6 +186,19 @@ def build_method(
   if method == "random_sam":
     tx = sgd()
     return tx, bo.random_sam_step(loss_fn, tx, sigma=hp["sigma"], m=m)
+  if method == "fisher_sam":
+    tx = sgd()
+    return tx, bo.fisher_sam_step(loss_fn, tx, rho=hp["rho"], eta=hp["fisher_eta"], m=m)
+  if method == "mfvi":
+    tx = bo.mfvi(
+      schedule, n_data=n_train, weight_decay=hp["weight_decay"], init_std=hp["init_std"], b1=hp["b1"], b2=hp["b2"]
+    )
+    return tx, bo.mfvi_step(loss_fn, tx, m=m)  # m Monte-Carlo samples per step, one per part
+  if method == "vsam":
+    tx = bo.vsam(
+      schedule, n_data=n_train, weight_decay=hp["weight_decay"], max_std=hp["max_std"], b1=hp["b1"], b2=hp["b2"]
+    )
+    return tx, bo.vsam_step(loss_fn, tx, m=m)
   if method in BAYESIAN:
     tx = bo.bsam(
       schedule,
@@ -592,7 +625,7 @@ def main(argv=None):
   else:
     quick = args.quick
     models = args.models or (["mlp"] if quick else ["mlp", "cnn"])
-    methods = args.methods or list(QUICK_GRIDS)
+    methods = args.methods or list(DEFAULT_METHODS)
     all_grids = json.loads(args.grid) if args.grid else (None if quick else GRIDS)
     if args.selected:
       grids = selected_grids(args.selected, models, methods)

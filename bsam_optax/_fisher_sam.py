@@ -59,8 +59,8 @@ def fisher_sam_perturbed_params(params: Params, grads: Updates, *, rho, eta, eps
   Returns:
     ω + ε, with the structure and dtypes of ``params``.
   """
-  # h = g / f is materialized (the barrier) and then reduced: XLA:CPU fused the division into the reduction's
-  # loop, which made this 4x slower than SAM's ε at m = 8 (measured on the MLP of benchmarks/cost.py).
+  # h = g / f is materialized (the barrier) and then reduced: with the division fused into the reduction's loop,
+  # XLA:CPU took 2.5x as long for 8 vmapped parts of the MLP of benchmarks/cost.py (benchmarks/results/methods_cost.md).
   h = jax.lax.optimization_barrier(jax.tree.map(lambda g: g / (1.0 + eta * jnp.square(g)), jax.tree.map(_f32, grads)))
   norm = jnp.sqrt(sum(jnp.sum(a * _f32(b)) for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(grads), strict=True)))
   scale = rho / (norm + eps)
