@@ -513,7 +513,7 @@ def make_train_step(
     return state.replace(**replace), info
 
   compiled = step if axis_name is not None and mesh is None else jax.jit(step, donate_argnums=(0,) if donate else ())
-  checked = []
+  checked: list[bool] = []
 
   @functools.wraps(step)
   def checked_step(state, batch, key):
@@ -621,7 +621,7 @@ def make_nnx_train_step(
   bo.StepOptions(**options)
 
   def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
-    graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)
+    graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)  # type: ignore[misc]
     params = nnx.as_pure(param_vars)
     stats = nnx.as_pure(stats)
     rest = nnx.as_pure(rest)  # RNG streams are reseeded per part; other mutable state is not carried over
@@ -646,7 +646,7 @@ def make_nnx_train_step(
     return info
 
   compiled = nnx.jit(step) if jit else step
-  checked = []
+  checked: list[bool] = []
 
   @functools.wraps(step)
   def checked_step(model, optimizer, batch, key):
