@@ -220,3 +220,117 @@ def test_bad_arguments():
   step = make_train_step(_loss, m=3, apply_kwargs=TRAIN)
   with pytest.raises(ValueError, match="divisible"):
     step(_state(), _data(), jax.random.key(0))
+
+
+def _aux_loss(logits, batch):
+  return _loss(logits, batch), logits
+
+
+def test_per_example_aux_is_concatenated_over_parts_and_devices():
+  state, batch, key = _state(), _data(), jax.random.key(8)
+  dict_batch = {"image": batch[0], "label": batch[1]}
+  dict_loss = lambda logits, b: (_loss(logits, (b["image"], b["label"])), logits)  # noqa: E731
+  one, info = make_train_step(dict_loss, m=4, has_aux=True, apply_kwargs=TRAIN)(state, dict_batch, key)
+  assert info.aux.shape == (N_DATA, 3)
+  # The statistics are those of the step without aux (averaged, not concatenated), and so are the params.
+  plain, _ = make_train_step(_loss, m=4, apply_kwargs=TRAIN)(state, batch, key)
+  _assert_trees_equal(one.batch_stats, plain.batch_stats, rtol=1e-6, atol=1e-7)
+  _assert_trees_equal(one.params, plain.params, rtol=1e-6, atol=1e-7)
+  # aux_reduce="mean" is the mean over the parts of the concatenated aux.
+  _, mean = make_train_step(_aux_loss, m=4, has_aux=True, aux_reduce="mean", apply_kwargs=TRAIN)(state, batch, key)
+  np.testing.assert_allclose(mean.aux, info.aux.reshape(4, -1, 3).mean(0), rtol=1e-5, atol=1e-6)
+  devices = jax.devices()[:2]
+  step = make_train_step(_aux_loss, m=2, has_aux=True, axis_name="d", apply_kwargs=TRAIN)
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)  # noqa: E731
+  sharded = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]), batch)
+  pmapped, out = jax.pmap(step, axis_name="d", devices=devices)(replicate(state), sharded, replicate(key))
+  np.testing.assert_allclose(out.aux.reshape(N_DATA, 3), info.aux, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(jax.tree.map(lambda x: x[0], pmapped.batch_stats), one.batch_stats, rtol=1e-5, atol=1e-6)
+  mesh = Mesh(np.array(devices), ("d",))
+  meshed, out = make_train_step(_aux_loss, m=2, has_aux=True, axis_name="d", mesh=mesh, apply_kwargs=TRAIN)(
+    state, batch, key
+  )
+  np.testing.assert_allclose(out.aux, info.aux, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(meshed.batch_stats, one.batch_stats, rtol=1e-5, atol=1e-6)
+
+
+class DropNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(x))
+
+
+def test_each_part_has_its_own_dropout_key():
+  x, y = _data(32)
+  x = jnp.concatenate([x[:16], x[:16]])  # two equal halves: only Dropout tells the parts apart
+  params = DropNet().init(jax.random.key(0), x, train=False)["params"]
+  tx = bo.bsam(0.1, n_data=1e12, rho=0.0)  # std ~ 1e-6, ρ = 0: both passes at ~ω
+  state = TrainState.create(apply_fn=DropNet().apply, params=params, tx=tx)
+  step = make_train_step(_aux_loss, m=2, has_aux=True, apply_kwargs=TRAIN)
+  _, info = step(state, (x, y), jax.random.key(1))
+  assert not np.allclose(info.aux[:16], info.aux[16:])
+  np.testing.assert_array_equal(step(state, (x, y), jax.random.key(1))[1].aux, info.aux)
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a, a]), tree)  # noqa: E731
+  pstep = make_train_step(_aux_loss, has_aux=True, axis_name="d", apply_kwargs=TRAIN)
+  _, out = jax.pmap(pstep, axis_name="d", devices=jax.devices()[:2])(
+    replicate(state), (x.reshape(2, 16, 4), y.reshape(2, 16)), replicate(jax.random.key(1))
+  )
+  np.testing.assert_allclose(out.aux.reshape(32, 3), info.aux, rtol=1e-5, atol=1e-6)
+
+
+def test_flax_train_state_with_batch_stats_is_accepted():
+  from typing import Any
+
+  from flax.training import train_state
+
+  class FlaxTrainState(train_state.TrainState):
+    batch_stats: Any
+
+  ours = _state()
+  theirs = FlaxTrainState.create(apply_fn=ours.apply_fn, params=ours.params, batch_stats=ours.batch_stats, tx=TX)
+  a, _ = STEPS["both"](ours, _data(), jax.random.key(3))
+  b, _ = STEPS["both"](theirs, _data(), jax.random.key(3))
+  assert isinstance(b, FlaxTrainState)
+  _assert_trees_equal(a.params, b.params)
+  _assert_trees_equal(a.batch_stats, b.batch_stats)
+
+
+def test_mistakes_get_errors_that_say_what_to_do():
+  state, batch, key = _state(), _data(), jax.random.key(0)
+  step = make_train_step(_loss, apply_kwargs=TRAIN)
+  with pytest.raises(TypeError, match="swapped"):
+    step(state, key, batch)
+  with pytest.raises(TypeError, match="TrainState"):
+    step(state.params, batch, key)
+  with pytest.raises(KeyError, match="inputs_fn"):
+    step(state, {"pixels": batch[0], "label": batch[1]}, key)
+  tiny = bo.bsam(0.1, n_data=2)  # n_data=len(ds) of a dict with two keys
+  with pytest.raises(ValueError, match="smaller than one batch"):
+    make_train_step(_loss, apply_kwargs=TRAIN)(state.replace(tx=tiny, opt_state=tiny.init(state.params)), batch, key)
+  with pytest.raises(ValueError, match="aux_reduce"):
+    make_train_step(_loss, has_aux=True, aux_reduce="sum")
+  with pytest.raises(ValueError, match="bn_inputs"):
+    state.predictive(key, batch[0], batch_stats="recompute")
+
+
+def _batch_statistics(params, x):
+  """BatchNorm's batch mean and (biased) variance after Net's Dense layer, by hand."""
+  h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+  return h.mean(0), h.var(0)
+
+
+def test_predictive_recomputes_batch_statistics_per_sample():
+  state, (x, _) = _state(), _data()
+  bn_inputs = x.reshape(4, 16, 4)
+  kwargs = dict(apply_kwargs={"train": False}, train_kwargs=TRAIN, temperature=0.0)
+  probs = state.predictive(jax.random.key(0), x, 2, batch_stats="recompute", bn_inputs=bn_inputs, **kwargs)
+  stats = [_batch_statistics(state.params, b) for b in bn_inputs]
+  mean, var = np.mean([s[0] for s in stats], 0), np.mean([s[1] for s in stats], 0)
+  batch_stats = {"BatchNorm_0": {"mean": mean, "var": var}}
+  logits = Net().apply({"params": state.params, "batch_stats": batch_stats}, x, train=False)
+  np.testing.assert_allclose(probs, jax.nn.softmax(logits), rtol=1e-4, atol=1e-5)
+  running = state.predictive(jax.random.key(0), x, 2, batch_stats="mean", **kwargs)
+  logits = Net().apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
+  np.testing.assert_allclose(running, jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
+  samples = state.sample_posterior(jax.random.key(0), 3)
+  assert jax.tree.leaves(samples)[0].shape[0] == 3

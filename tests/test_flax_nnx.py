@@ -161,3 +161,106 @@ def test_bad_arguments():
   model, optimizer = _model_and_optimizer()
   with pytest.raises(ValueError, match="divisible"):
     make_nnx_train_step(_loss, m=3, jit=False)(model, optimizer, _data(), jax.random.key(0))
+
+
+class DropNet(nnx.Module):
+  """BatchNorm and Dropout, built with one nnx.Rngs as in Flax's NNX examples."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.dense = nnx.Linear(4, 8, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(nnx.relu(self.norm(self.dense(x)))))
+
+
+def _aux_loss(model, batch):
+  logits = model(batch["x"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), logits
+
+
+def test_aux_dropout_and_devices():
+  batch = _data()
+  batch = {"x": jnp.concatenate([batch["x"][:32]] * 2), "y": jnp.concatenate([batch["y"][:32]] * 2)}
+  results = {}
+  for name, kwargs in {
+    "m=2": dict(m=2),
+    "2 devices": dict(axis_name="data", mesh=jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))),
+  }.items():
+    model = DropNet(nnx.Rngs(0))
+    model.train()
+    optimizer = nnx.Optimizer(model, bo.bsam(0.1, n_data=N_DATA, rho=0.01), wrt=nnx.Param)
+    info = make_nnx_train_step(_aux_loss, has_aux=True, **kwargs)(model, optimizer, batch, jax.random.key(1))
+    results[name] = (info.aux, _pure(model, nnx.BatchStat), _pure(model, nnx.Param))
+  aux = results["m=2"][0]
+  assert aux.shape == (N_DATA, 3)
+  assert not np.allclose(aux[:32], aux[32:])  # equal halves, their own noise and Dropout masks
+  for a, b in zip(jax.tree.leaves(results["m=2"]), jax.tree.leaves(results["2 devices"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_step_inside_nnx_jit_with_metrics():
+  model, optimizer = _model_and_optimizer()
+  metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
+  bsam_step = make_nnx_train_step(_aux_loss, m=2, has_aux=True, jit=False)
+
+  @nnx.jit
+  def train_step(model, optimizer, metrics, batch, key):
+    info = bsam_step(model, optimizer, batch, key)
+    metrics.update(loss=info.loss, logits=info.aux, labels=batch["y"])
+
+  train_step(model, optimizer, metrics, _data(), jax.random.key(0))
+  assert 0 <= float(metrics.compute()["accuracy"]) <= 1
+  assert int(optimizer.step[...]) == 1
+
+
+def test_posterior_and_predictive_of_an_nnx_model():
+  from bsam_optax.flax import nnx_posterior
+  from bsam_optax.flax import nnx_predictive
+  from bsam_optax.flax import nnx_sample_posterior
+
+  model, optimizer = _model_and_optimizer()
+  make_nnx_train_step(_loss)(model, optimizer, _data(), jax.random.key(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest, opt_state = nnx.as_pure(params), nnx.as_pure(rest), nnx.as_pure(optimizer.opt_state)
+  mean, std = nnx_posterior(model, optimizer)
+  _assert_trees_close(std, bo.posterior(params, opt_state)[1], rtol=0, atol=0)
+  samples = nnx_sample_posterior(model, optimizer, jax.random.key(1), 3, temperature=0.5)
+  _assert_trees_close(samples, bo.sample_posterior(jax.random.key(1), params, opt_state, 3, temperature=0.5))
+
+  def apply(p, x):
+    m = nnx.merge(graphdef, p, rest)
+    m.eval()
+    return m(x)
+
+  x = _data()["x"]
+  expected = bo.predictive(apply, jax.random.key(2), params, opt_state, x, 4)
+  np.testing.assert_allclose(nnx_predictive(model, optimizer, jax.random.key(2), x, 4), expected, rtol=1e-5, atol=1e-6)
+  # Recomputed statistics at T = 0: those of ω, the mean over the batches of the batch mean and variance.
+  bn_inputs = x.reshape(4, 16, 4)
+  probs = nnx_predictive(
+    model, optimizer, jax.random.key(2), x, 2, batch_stats="recompute", bn_inputs=bn_inputs, temperature=0.0
+  )
+  hidden = [b @ params["dense"]["kernel"] + params["dense"]["bias"] for b in bn_inputs]
+  check = nnx.merge(graphdef, params, rest)
+  check.norm.mean[...] = np.mean([h.mean(0) for h in hidden], 0)
+  check.norm.var[...] = np.mean([h.var(0) for h in hidden], 0)
+  check.eval()
+  np.testing.assert_allclose(probs, jax.nn.softmax(check(x)), rtol=1e-4, atol=1e-5)
+  assert model.norm.use_running_average is False  # the model passed in is left in training mode
+  with pytest.raises(TypeError, match="nnx.Optimizer"):
+    nnx_posterior(model, optimizer.opt_state)
+
+
+def test_mistakes_get_errors_that_say_what_to_do():
+  model, optimizer = _model_and_optimizer()
+  step = make_nnx_train_step(_loss, jit=False)
+  with pytest.raises(TypeError, match="swapped"):
+    step(model, optimizer, jax.random.key(0), _data())
+  with pytest.raises(TypeError, match="nnx.Optimizer"):
+    step(model, optax.sgd(0.1), _data(), jax.random.key(0))
+  tiny = nnx.Optimizer(model, bo.bsam(0.1, n_data=2), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="smaller than one batch"):
+    step(model, tiny, _data(), jax.random.key(0))
