@@ -1,60 +1,67 @@
-"""Standard-normal noise shaped like a parameter pytree, and a fast generator for it.
+"""Standard-normal noise shaped like a parameter pytree, and the generator behind it.
 
 bSAM draws ``P`` normals per step and m-sharpness part (``P`` = number of
 parameters): at ``m = 8`` that is ``8 P`` normals, on a CPU more work than
-the rest of a small model's step. Three choices keep it cheap (numbers: MLP
-784-500-300-10, 2-core CPU, ``benchmarks/results/cost.md``):
+the rest of a small model's step. :func:`normal_like` draws them; its
+``noise=`` argument picks the generator, the key stays the user's:
 
-* **Per-leaf draws.** Leaf ``j`` of the tree gets a draw from
-  ``fold_in(key, j)`` in the leaf's own shape, so that XLA fuses it into its
-  consumer (``θ = ω + z / sqrt(N s)``): one pass over each leaf, no noise
-  buffer. An earlier version drew one flat vector of ``P`` normals and sliced
-  it into the leaves; the slices and reshapes cost copies, and the bSAM step
-  was 1.1-1.2x (m = 1) and 1.3-1.7x (m = 8) slower with it.
+* ``noise="auto"`` (the default): the library's own counter-based generator,
+  derived from whatever key is passed (``jax.random.key(seed)``, ``"rbg"``
+  and ``"unsafe_rbg"`` keys, raw ``uint32`` keys, :data:`hash_prng_impl`
+  keys). ~1 ns per normal on a 2-core CPU, against ~6.5-8 ns for
+  ``jax.random.normal`` with a threefry key (``benchmarks/results/cost.md``).
+* ``noise="jax"``: ``jax.random.normal(jax.random.fold_in(key, j), shape)``
+  for leaf ``j``, bit for bit: JAX's own stream of the key's implementation.
 
-* **The generator is the key's.** ``jax.random.key(seed)`` (threefry, JAX's
-  reproducible default) stays the default: ~6.5-10 ns per normal on this CPU
-  (~5 ns with ``jax.config.update("jax_threefry_partitionable", False)``, a
-  global JAX setting that changes the stream); JAX's ``"rbg"`` and
-  ``"unsafe_rbg"`` keys are ~3x *slower* there. :data:`hash_prng_impl` is a
-  counter-based hash generator, opt-in by the key, ~1-2 ns per normal::
+**The generator** (``"auto"``). Leaf ``j`` of the tree draws from
+``k = fold_in(key, j)`` (JAX's ``fold_in`` of the key's implementation), so
+that parts (``fold_in(key, part)``), steps and leaves get unrelated streams.
+For every leaf, one small threefry call turns ``k`` into three 32-bit seeds,
+and the entry at row-major index ``i`` gets the 32-bit word::
 
-    key = jax.random.key(seed, impl=bsam_optax.hash_prng_impl)
+    (s0, s1, s2, _) = threefry2x32(k, (0, 1, 2, 3))   # once per leaf
+    x   = h(h(i ^ s0) + s1)
+    w_i = x + h(x ^ s2)
 
-  It derives keys (``split``, ``fold_in``, ``seed``) exactly as threefry
-  does, so one seed gives the same key tree under both; only the bulk bits
-  differ. For a key ``k`` and a draw of ``n`` values, the ``i``-th 32-bit
-  word is::
+``h`` is Wellons' *lowbias32* (xorshift-multiply, a bijection of ``uint32``
+with low avalanche bias). Two keyed rounds make ``x`` a keyed permutation of
+the counter; the feed-forward third round (``x + h(x ^ s2)``, as in the
+Davies-Meyer construction) makes ``w`` no longer a permutation, so a leaf's
+words repeat at the rate of random 32-bit words (a permutation never repeats:
+a collision count over ``2^20`` words tells it apart). ``w_i`` depends only on
+``(k, i)``: no sequential state, so XLA fuses the draw into its consumer
+(``θ = ω + z / sqrt(N s)``, one pass over each leaf, no noise buffer) and each
+shard of a sharded leaf computes its own entries (the index is an ``iota`` in
+the leaf's shape, which the SPMD partitioner splits). A leaf holds at most
+``2**32`` entries. Every operation is 32-bit integer arithmetic, so it
+vectorizes on CPUs and GPUs alike and needs no ``jax_enable_x64``.
 
-    (s0, s1) = threefry2x32(k, (0, 1))    # one small threefry per draw
-    bits_i   = h(h(i ^ s0) + s1)         # h: lowbias32, a bijective 32-bit mixer
+Soundness: the raw words pass the ``dieharder`` battery for several keys, leaf
+and part indices, consecutive seeds and interleaved related keys
+(``benchmarks/noise_battery.py``, summary in
+``benchmarks/results/noise_battery.md``), and the statistical tests of
+``tests/test_noise.py`` (moments, chi-square, KS, tails, per-bit frequencies,
+32-bit collisions, correlations across neighbours, one-bit counter flips,
+parts, steps, leaves and related keys). It is not a cryptographic generator.
 
-  ``h`` is Wellons' *lowbias32* (xorshift-multiply, 32-bit arithmetic, no
-  table), so the words vectorize on any backend (0.5-0.7 ns each here). The two
-  keyed rounds matter: with one (``h(i ^ s0)``), two keys whose ``s0``
-  differ only in low bits would draw permutations of each other's noise. It works with every
-  ``jax.random`` function and passes the statistical tests in
-  ``tests/test_noise.py`` (moments, chi-square, tails, per-bit frequencies,
-  correlations across neighbours, one-bit counter flips, parts, steps,
-  leaves and related keys), but it is not a cryptographic or a
-  TestU01-crushed generator, which is why threefry stays the default. A draw
-  holds at most ``2**32`` values per key.
+**Normals** from one word per entry, by Box-Muller:
+``z = sqrt(-2 log u) cos(2 pi v)`` with ``u = (w >> 16 + 1/2) 2^-16`` and
+``v = (w & 0xFFFF + 1/2) 2^-16 - 1/2``, a polynomial ``log`` (bit-exact
+exponent, degree-8 mantissa polynomial) and a polynomial ``cos`` (via
+``sin(pi v)``). 16 bits each is the split of the 32 bits whose distribution is
+closest to N(0, 1): ``sup |F - Φ| = 4.8e-6`` (computed exactly over the
+``2^32`` words), the variance is ``1 - 5e-6`` and the tails reach
+``|z| <= 4.85`` (``P(|z| > 4.85) = 1.2e-6``). More bits for ``u`` reach further
+but coarsen the normals near 0, where most of the mass is (20 bits: reach
+5.40, ``sup |F - Φ| = 8e-5``). The noise enters bSAM as ``σ z`` with
+``σ = 1 / sqrt(N s)``: a scale, so what matters is the distribution of ``z``,
+not its resolution, and a ``5e-6`` distance from Φ is below what the update can
+resolve (a KS test needs ``~10^11`` draws to see it). Two words per normal (24
+bits each, reach 5.77) cost 1.2x the time of the draw. Float32 rounding of the
+transform stays within 2e-6 of the exact transform of the same word.
 
-* **Box-Muller normals for hash keys.** For float32 leaves and hash keys,
-  :func:`normal_like` draws every entry's normal from a 64-bit word (the
-  generator's streams 0 and 1: ``u`` and ``v``, 24 bits each) as
-  ``sqrt(-2 log u) cos(2 pi v)``, with ``u`` in ``[2^-24, 1]`` (so
-  ``|z| <= 5.77``), a polynomial ``log`` (bit-exact exponent, degree-8
-  mantissa polynomial) and a polynomial ``cos`` (via ``sin(pi v)``). This is
-  exact Box-Muller up to float32 rounding (within 2e-6 relative of the exact
-  transform of the same words), and 0.68x the time of the inverse CDF it
-  replaced (Giles' erfinv: XLA's ``log`` and nine ``where``-selected
-  coefficients per entry). The pair's second normal, ``r sin(2 pi v)``, is
-  not used: XLA fuses the draw into its consumer, which computes every
-  entry on its own, so a normal shared by two entries computes ``r`` twice
-  anyway (measured: no faster, and it needs a concatenation). Draws under
-  threefry and other keys are ``jax.random.normal``'s, bit for bit, and
-  ``jax.random.normal`` with a hash key keeps JAX's own transform.
+Float64 leaves draw ``jax.random.normal`` under either setting; bfloat16 and
+float16 leaves are drawn in float32 and rounded.
 """
 
 import math
@@ -65,6 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["hash_prng_impl", "normal_like"]
+
+NOISE_CHOICES = ("auto", "jax")
 
 _THREEFRY = jex_random.threefry_prng_impl
 _UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}
@@ -82,44 +91,64 @@ def _lowbias32(x: jax.Array) -> jax.Array:
 
 def _counter(shape) -> jax.Array:
   # The row-major index of every entry, built in the output's own shape: a 1-D
-  # iota reshaped afterwards fuses into a slower loop on XLA:CPU. A uint32
-  # counter is what limits a draw to 2**32 values.
+  # iota reshaped afterwards fuses into a slower loop on XLA:CPU, and an iota in
+  # the leaf's shape is what the SPMD partitioner splits across shards. A
+  # uint32 counter is what limits a leaf to 2**32 entries.
+  shape = tuple(shape)
   if math.prod(shape) >= 2**32:
-    raise ValueError(f"hash_prng_impl draws at most 2**32 values per key, asked for shape {shape}")
+    raise ValueError(f"the noise generator draws fewer than 2**32 values per key, asked for shape {shape}")
   if len(shape) <= 1:
     return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % 2**32)
     stride *= shape[axis]
   return index
 
 
-def _hash_words(key: jax.Array, counter: jax.Array, stream: int) -> jax.Array:
-  seeds = jex_random.threefry_2x32(key, jnp.array([2 * stream, 2 * stream + 1], jnp.uint32))
-  return _lowbias32(_lowbias32(counter ^ seeds[0]) + seeds[1])
+def _key_words(key: jax.Array) -> jax.Array:
+  """Two uint32 words carrying all of a key's data (typed key of any impl, or raw uint32 key data)."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  if key.dtype != jnp.uint32 or key.ndim != 1:
+    raise TypeError(f"key must be a PRNG key or raw uint32 key data of shape (n,), got {key.dtype}{key.shape}")
+  words = key if key.shape[0] % 2 == 0 else jnp.concatenate([key, jnp.zeros(1, jnp.uint32)])
+  pair = words[:2]
+  for start in range(2, words.shape[0], 2):  # rbg keys: 4 words
+    pair = jex_random.threefry_2x32(pair, words[start : start + 2])
+  return pair
+
+
+def _seeds(pair: jax.Array, stream: int = 0) -> jax.Array:
+  # The per-leaf derivation: one threefry2x32 block pair (4 words) per stream.
+  return jex_random.threefry_2x32(pair, jnp.arange(4 * stream, 4 * stream + 4, dtype=jnp.uint32))
+
+
+def _words(seeds: jax.Array, index: jax.Array) -> jax.Array:
+  """The generator's 32-bit word at every ``index`` (uint32) for the seeds of one key."""
+  x = _lowbias32(_lowbias32(index ^ seeds[0]) + seeds[1])
+  return x + _lowbias32(x ^ seeds[2])
 
 
 def _hash_random_bits(key: jax.Array, bit_width: int, shape) -> jax.Array:
-  shape = tuple(shape)
   if bit_width not in _UINT:
     raise TypeError(f"bit_width must be 8, 16, 32 or 64, got {bit_width}")
   counter = _counter(shape)
-  words = _hash_words(key, counter, 0)
+  words = _words(_seeds(key, 0), counter)
   if bit_width == 64:
-    high = words.astype(jnp.uint64) << np.uint64(32)
-    return high | _hash_words(key, counter, 1).astype(jnp.uint64)
+    return (words.astype(jnp.uint64) << np.uint64(32)) | _words(_seeds(key, 1), counter).astype(jnp.uint64)
   if bit_width < 32:
     return (words >> np.uint32(32 - bit_width)).astype(_UINT[bit_width])
   return words
 
 
-#: A fast counter-based PRNG for JAX keys, opt-in:
-#: ``jax.random.key(seed, impl=hash_prng_impl)``. Threefry's key derivation
-#: (``seed``, ``split``, ``fold_in``) with a cheap hash for the bulk bits (see
-#: the module docstring); works with every ``jax.random`` function, under
-#: ``jit``, ``vmap``, ``pmap`` and ``shard_map``.
+#: A JAX PRNG implementation on the library's generator, for every
+#: ``jax.random`` function: ``jax.random.key(seed, impl=hash_prng_impl)``.
+#: Threefry's key derivation (``seed``, ``split``, ``fold_in``), the words of
+#: the module docstring for the bulk bits. :func:`normal_like` no longer needs
+#: it (its default uses the generator with any key); it stays for code that
+#: wants the fast bits in ``jax.random.uniform``, ``bernoulli`` and the like.
 hash_prng_impl = jex_random.define_prng_impl(
   key_shape=_THREEFRY.key_shape,
   seed=_THREEFRY.seed,
@@ -142,6 +171,7 @@ _LOG1P = (
 )  # fmt: skip
 _SIN_PI = (3.141592502593994, -5.1677069664001465, 2.5500314235687256, -0.5980451703071594, 0.07722010463476181)
 _SQRT_HALF_BITS = np.int32(0x3F3504F3)  # float32 sqrt(1/2)
+_HALF_BITS = 16  # of each word: the high half for the radius, the low half for the angle
 
 
 def _horner(coefficients, x: jax.Array) -> jax.Array:
@@ -160,24 +190,22 @@ def _log(u: jax.Array) -> jax.Array:
   return exponent * np.float32(math.log(2.0)) + x * _horner(_LOG1P, x)
 
 
-def _box_muller(first: jax.Array, second: jax.Array) -> jax.Array:
-  # An exact N(0, 1) from two 32-bit words (24 bits each): r cos(2 pi v) with
-  # r = sqrt(-2 log u), u = 1 - k 2^-24 in [2^-24, 1] (so |z| <= 5.77), and
-  # v in [-1/2, 1/2); cos(2 pi v) = 1 - 2 sin^2(pi v).
-  u = 1.0 - (first >> np.uint32(8)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-24)
-  v = (second >> np.uint32(8)).astype(jnp.int32).astype(jnp.float32) * np.float32(2.0**-24) - 0.5
+def _unit(bits: jax.Array) -> jax.Array:
+  # (k + 1/2) 2^-16 for the 16-bit integers k: the midpoints of 2^16 equal cells of (0, 1), exact in float32.
+  return (bits.astype(jnp.int32).astype(jnp.float32) + 0.5) * np.float32(2.0**-_HALF_BITS)
+
+
+def _box_muller(word: jax.Array) -> jax.Array:
+  # z = r cos(2 pi v), r = sqrt(-2 log u): u from the word's high 16 bits, v
+  # (shifted to [-1/2, 1/2)) from its low 16 bits; cos(2 pi v) = 1 - 2 sin^2(pi v).
+  u = _unit(word >> np.uint32(_HALF_BITS))
+  v = _unit(word & np.uint32(2**_HALF_BITS - 1)) - 0.5
   sin = v * _horner(_SIN_PI, v * v)
   return jnp.sqrt(np.float32(-2.0) * _log(u)) * (1.0 - 2.0 * sin * sin)
 
 
-def _hash_normal(key: jax.Array, shape) -> jax.Array:
-  # Box-Muller's r cos(2 pi v) on the two words of every entry's 64-bit draw
-  # (streams 0 and 1, as jax.random.bits(key, shape, jnp.uint64)), one normal
-  # per entry: the pair's other normal, r sin(2 pi v), would sit at another
-  # entry, and XLA's fused loops compute every output entry on its own, so
-  # sharing r across two entries would compute it twice anyway.
-  counter = _counter(tuple(shape))
-  return _box_muller(_hash_words(key, counter, 0), _hash_words(key, counter, 1))
+def _auto_normal(key: jax.Array, shape) -> jax.Array:
+  return _box_muller(_words(_seeds(_key_words(key)), _counter(shape)))
 
 
 def _draw_dtype(leaf):
@@ -185,51 +213,55 @@ def _draw_dtype(leaf):
   return jnp.promote_types(jnp.result_type(leaf), jnp.float32)
 
 
-def _draw(key: jax.Array, shape, dtype) -> jax.Array:
-  if dtype == jnp.float32 and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if jax.random.key_impl(key) == hash_prng_impl:
-      return _hash_normal(jax.random.key_data(key), shape)
+def _draw(key: jax.Array, shape, dtype, noise: str) -> jax.Array:
+  if noise == "auto" and dtype == jnp.float32:
+    return _auto_normal(key, shape)
   return jax.random.normal(key, shape, dtype)
 
 
 def normal_like(key: jax.Array, tree, *, noise: str = "auto"):
   """Draws a standard normal for every entry of ``tree``, in its dtypes.
 
-  Leaf ``j`` (in ``jax.tree.leaves`` order) is
-  ``jax.random.normal(jax.random.fold_in(key, j), leaf.shape)``, drawn in
-  float32 (float64 for float64 leaves) and cast to the leaf's dtype. The
-  generator is the one of ``key``'s implementation: threefry by default,
-  :data:`hash_prng_impl` for speed.
+  Leaf ``j`` (in ``jax.tree.leaves`` order) is drawn from
+  ``k = jax.random.fold_in(key, j)`` in the leaf's shape:
+
+  * ``noise="auto"``: ``z_i = BoxMuller(w_i)`` with ``w_i`` the word of the
+    library's generator for ``(k, i)`` (see the module docstring), ``i`` the
+    row-major index, for any kind of key;
+  * ``noise="jax"``: ``jax.random.normal(k, leaf.shape)``, bit for bit.
+
+  Draws are float32 (float64 for float64 leaves, always by
+  ``jax.random.normal``) and cast to the leaf's dtype.
 
   Args:
-    key: a PRNG key.
+    key: a PRNG key of any implementation (``jax.random.key(seed)``,
+      ``impl="rbg"``, :data:`hash_prng_impl`, ...) or raw ``uint32`` key data.
     tree: a pytree of floating-point arrays.
-    noise: ``"auto"`` (the library's choice of generator) or ``"jax"``
-      (``jax.random.normal``'s exact stream for ``key``).
+    noise: ``"auto"`` (the library's generator) or ``"jax"``
+      (``jax.random.normal``'s stream for the key).
 
   Returns:
     A pytree like ``tree`` of independent N(0, 1) draws.
 
+  Raises:
+    ValueError: ``noise`` is not one of ``"auto"``, ``"jax"``; or a leaf has
+      more than ``2**32`` entries under ``"auto"``.
+
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from bsam_optax._noise import hash_prng_impl, normal_like
-    >>> z = normal_like(jax.random.key(0, impl=hash_prng_impl), {"w": jnp.zeros((2, 3))})
-    >>> z["w"].shape
-    (2, 3)
+    >>> from bsam_optax._noise import normal_like
+    >>> z = normal_like(jax.random.key(0), {"w": jnp.zeros((2, 3))})
+    >>> z["w"].shape, z["w"].dtype
+    ((2, 3), dtype('float32'))
+    >>> exact = normal_like(jax.random.key(0), {"w": jnp.zeros(3)}, noise="jax")["w"]
+    >>> bool(jnp.all(exact == jax.random.normal(jax.random.fold_in(jax.random.key(0), 0), (3,))))
+    True
   """
-  if noise not in ("auto", "jax"):
-    raise ValueError(f"noise must be 'auto' or 'jax', got {noise!r}")
+  if noise not in NOISE_CHOICES:
+    raise ValueError(f"noise must be one of {NOISE_CHOICES}, got {noise!r}")
   leaves, treedef = jax.tree.flatten(tree)
-  if noise == "jax":
-    return jax.tree.unflatten(
-      treedef,
-      [
-        jax.random.normal(jax.random.fold_in(key, j), jnp.shape(x), _draw_dtype(x)).astype(jnp.result_type(x))
-        for j, x in enumerate(leaves)
-      ],
-    )
   out = [
-    _draw(jax.random.fold_in(key, j), jnp.shape(leaf), _draw_dtype(leaf)).astype(jnp.result_type(leaf))
+    _draw(jax.random.fold_in(key, j), jnp.shape(leaf), _draw_dtype(leaf), noise).astype(jnp.result_type(leaf))
     for j, leaf in enumerate(leaves)
   ]
   return jax.tree.unflatten(treedef, out)
