@@ -37,7 +37,8 @@ aliased donated buffers, from ``Compiled.memory_analysis()``). Compile time:
 Usage::
 
   python benchmarks/cost.py --quick    # CI: MLP, few rounds, no growth; prints, writes nothing
-  python benchmarks/cost.py            # full run: writes benchmarks/results/cost.md and cost_growth.png
+  python benchmarks/cost.py --no-growth   # writes benchmarks/results/cost.md (~40 min on 2 loaded cores)
+  python benchmarks/cost.py --only-growth --out benchmarks/results/cost_growth.md   # + cost_growth.png
   python benchmarks/cost.py --models mlp --m 1 8 --rounds 9 --steps 5 --no-growth --out /tmp/cost.md
 """
 
@@ -297,8 +298,14 @@ def bsam_method(prob: Problem, m: int, keys="threefry", noise="auto", split="vma
 # --- timing -------------------------------------------------------------------
 
 
+# "cpu": the process's CPU time (all of XLA's threads), which the load of a shared machine changes far less
+# than the wall clock; "wall": time.perf_counter.
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCKS["cpu"]
+
+
 def time_methods(methods: dict[str, Method], rounds: int, steps: int) -> dict[str, list[float]]:
-  """Per-step milliseconds of every method in every round, interleaved."""
+  """Per-step milliseconds (of ``clock``) of every method in every round, interleaved."""
   for method in methods.values():
     method.run(2)  # warm-up: first dispatches
   names = list(methods)
@@ -306,9 +313,9 @@ def time_methods(methods: dict[str, Method], rounds: int, steps: int) -> dict[st
   for r in range(rounds):
     order = names[r % len(names) :] + names[: r % len(names)]
     for name in order:
-      start = time.perf_counter()
+      start = clock()
       methods[name].run(steps)
-      times[name].append((time.perf_counter() - start) / steps * 1e3)
+      times[name].append((clock() - start) / steps * 1e3)
   return times
 
 
@@ -346,6 +353,9 @@ def compare(prob: Problem, ms, rounds, steps, runs, log) -> tuple[list[str], lis
     methods["authors"] = authors_method(prob, m)
     for name, (keys, noise) in BSAM_VARIANTS.items():
       methods[name] = bsam_method(prob, m, keys=keys, noise=noise)
+    tx = bo.bsam(LR, N_DATA, rho=RHO)
+    no_noise = bo.bsam_no_noise_step(prob.loss_fn, tx, m=m)
+    methods["bsam_no_noise"] = step_method(no_noise, prob.params, tx.init(prob.params), prob.batch, _keys())
     per_run = []
     for run in range(runs):
       log(f"{tag} timing run {run + 1}/{runs}: {list(methods)}")
@@ -361,7 +371,7 @@ def compare(prob: Problem, ms, rounds, steps, runs, log) -> tuple[list[str], lis
         ratios.append(f"{median_ratio(pooled, b, a):.2f}" if a in pooled else "—")
     time_rows.append(f"| {prob.name} | {m} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     log(time_rows[-1])
-    for name in BSAM_VARIANTS:
+    for name in (*BSAM_VARIANTS, "bsam_no_noise"):
       vs_sam = [median_ratio(times, name, "sam_adam") for times in per_run]
       vs_adam = [median_ratio(times, name, "adam") for times in per_run]
       goal = 1.2 if m == 1 else 1.5 if m == 8 else None
@@ -580,7 +590,11 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=None)
   parser.add_argument("--steps", type=int, default=None, help="steps per method per round")
   parser.add_argument("--runs", type=int, default=None, help="interleaved blocks of rounds (spread of the ratios)")
+  parser.add_argument(
+    "--clock", default="cpu", choices=list(CLOCKS), help="cpu: process CPU time (default; robust to load), wall"
+  )
   parser.add_argument("--growth", action=argparse.BooleanOptionalAction, default=None, help="m and size sweeps")
+  parser.add_argument("--only-growth", action="store_true", help="just the m and size sweeps (and the plot)")
   parser.add_argument("--growth-m", nargs="+", type=int, default=list(GROWTH_M), help="m values of the m sweep")
   parser.add_argument(
     "--growth-widths", nargs="+", default=[f"{a}x{b}" for a, b in GROWTH_WIDTHS], help="MLP widths, e.g. 500x300"
@@ -589,6 +603,8 @@ def main(argv=None):
     "--out", default=None, help="markdown output (default: benchmarks/results/cost.md unless --quick)"
   )
   args = parser.parse_args(argv)
+  global clock
+  clock = CLOCKS[args.clock]
   models = args.models or (["mlp"] if args.quick else ["mlp", "cnn"])
   rounds = args.rounds or (3 if args.quick else 9)
   steps = args.steps or (2 if args.quick else 5)
@@ -602,9 +618,16 @@ def main(argv=None):
     "# Cost of a bSAM step",
     "",
     f"Command: `{command.strip()}` — {runs} run(s) x {rounds} rounds x {steps} steps per method, interleaved; "
-    "medians over rounds (ratios: medians of per-round ratios).",
+    "medians over rounds (ratios: medians of per-round ratios). Clock: "
+    + (
+      "the process's CPU time per step (all of XLA's threads; the wall clock of a machine this loaded varies "
+      "several-fold between rounds)."
+      if args.clock == "cpu"
+      else "wall time per step."
+    ),
     f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), {jax.devices()[0].platform}; "
-    f"jax {jax.__version__}, optax {optax.__version__}, Python {platform.python_version()}.",
+    f"jax {jax.__version__}, optax {optax.__version__}, Python {platform.python_version()}; "
+    f"load average at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
     "",
   ]
   goal_table = [
@@ -612,7 +635,8 @@ def main(argv=None):
     "",
     "`bsam` = `bo.bsam_step` called with `jax.random.key(seed)` and nothing else chosen (the library's generator); "
     '`bsam_hash` = with a `bo.hash_prng_impl` key; `bsam_jax` = `noise="jax"` (jax.random.normal\'s threefry '
-    "stream, the default before). Ratios: median over runs [min, max over runs] of each run's median per-round "
+    "stream, the default before); `bsam_no_noise` = `bo.bsam_no_noise_step` (bSAM without its noise: what "
+    "the rest of the step costs). Ratios: median over runs [min, max over runs] of each run's median per-round "
     "ratio. Goal (issue 15): `bsam` ≤ 1.2x SAM-Adam at m = 1, ≤ 1.5x at m = 8.",
     "",
     "| model | m | method | ms | sam_adam ms | / sam_adam | / adam | goal | met (every run) |",
@@ -639,6 +663,8 @@ def main(argv=None):
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
   notes, compile_rows, split_table = [], [], []
+  if args.only_growth:
+    models, do_growth = [], True
   for name in models:
     prob = make_problem(name)
     notes.append(
@@ -656,7 +682,9 @@ def main(argv=None):
       compile_rows += compile_times(prob, m_c)
       split_table += split_rows(prob, m_c, rounds, steps, log)
 
-  report = header + ["Problems:", *notes, ""] + goal_table + [""] + time_table + [""] + mem_table + [""]
+  report = header
+  if models:
+    report += ["Problems:", *notes, ""] + goal_table + [""] + time_table + [""] + mem_table + [""]
   if compile_rows:
     report += [
       "## Compile time (s): lower + compile of a fresh step, mean of 2",
@@ -679,7 +707,7 @@ def main(argv=None):
       *split_table,
       "",
     ]
-  if not args.quick:
+  if not args.quick and models:
     report += [
       "## The noise alone",
       "",
