@@ -594,6 +594,13 @@ def main(argv=None):
     "--clock", default="cpu", choices=list(CLOCKS), help="cpu: process CPU time (default; robust to load), wall"
   )
   parser.add_argument("--growth", action=argparse.BooleanOptionalAction, default=None, help="m and size sweeps")
+  parser.add_argument(
+    "--sections",
+    nargs="+",
+    default=["compare", "memory", "compile", "splits", "noise"],
+    choices=["compare", "memory", "compile", "splits", "noise"],
+    help="which sections to run for the models (growth: --growth)",
+  )
   parser.add_argument("--only-growth", action="store_true", help="just the m and size sweeps (and the plot)")
   parser.add_argument("--growth-m", nargs="+", type=int, default=list(GROWTH_M), help="m values of the m sweep")
   parser.add_argument(
@@ -665,26 +672,35 @@ def main(argv=None):
   notes, compile_rows, split_table = [], [], []
   if args.only_growth:
     models, do_growth = [], True
+  sections = set(args.sections)
   for name in models:
     prob = make_problem(name)
     notes.append(
       f"- {name}: {num_params(prob.params):,} parameters ({mib(tree_bytes(prob.params))} MiB), batch {BATCH}."
     )
-    rows, goals, cache_notes = compare(prob, args.m, rounds, steps, runs, log)
-    time_table += rows
-    goal_table += goals
-    notes += cache_notes
-    log(f"[{name}] memory")
-    mem_table += memory_rows(prob, args.m, quick=args.quick)
+    if "compare" in sections:
+      rows, goals, cache_notes = compare(prob, args.m, rounds, steps, runs, log)
+      time_table += rows
+      goal_table += goals
+      notes += cache_notes
+    if "memory" in sections:
+      log(f"[{name}] memory")
+      mem_table += memory_rows(prob, args.m, quick=args.quick)
     if not args.quick:
       m_c = max(args.m)
-      log(f"[{name}] compile times, m={m_c}")
-      compile_rows += compile_times(prob, m_c)
-      split_table += split_rows(prob, m_c, rounds, steps, log)
+      if "compile" in sections:
+        log(f"[{name}] compile times, m={m_c}")
+        compile_rows += compile_times(prob, m_c)
+      if "splits" in sections:
+        split_table += split_rows(prob, m_c, rounds, steps, log)
 
   report = header
   if models:
-    report += ["Problems:", *notes, ""] + goal_table + [""] + time_table + [""] + mem_table + [""]
+    report += ["Problems:", *notes, ""]
+    if "compare" in sections:
+      report += goal_table + [""] + time_table + [""]
+    if "memory" in sections:
+      report += mem_table + [""]
   if compile_rows:
     report += [
       "## Compile time (s): lower + compile of a fresh step, mean of 2",
@@ -707,7 +723,7 @@ def main(argv=None):
       *split_table,
       "",
     ]
-  if not args.quick and models:
+  if not args.quick and models and "noise" in sections:
     report += [
       "## The noise alone",
       "",

@@ -60,6 +60,8 @@ QUICK_TESTS = (
   + [(203, n, []) for n in (1, 7, 23)]
   + [(t, None, []) for t in (204, 205, 206, 207, 208, 209)]
 )
+SHORT_TESTS = [(t, None, []) for t in (0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 15, 16, 100, 101, 204, 205, 209)]
+
 # The test that failed once on the old hash stream (lag 23), with -a's 100 p-samples and with 300.
 LAGGED = [(203, 23, ["-p", "100"])]
 LAGGED_300 = [(203, 23, ["-p", "300"])]
@@ -233,6 +235,22 @@ PLANS = {
     ("auto, seed 1", {"gen": "auto", "seed": 1}, SERIAL),
     ("auto, seed 2, part 1, leaf 3", {"gen": "auto", "seed": 2, "part": 1, "leaf": 3}, SERIAL),
     ("numpy_philox (control)", {"gen": "numpy_philox", "seed": 0}, SERIAL),
+  ],
+  # -a's run on the plain stream had the lagged sum WEAK at lag 22 (p = 0.99915), ~4e10 words in (leaf 9):
+  # the same test on that stretch of the stream, on a fresh key, and on the control.
+  "lag22": [
+    ("auto, seed 0, leaf 9 (where -a's lag-22 test read)", {"gen": "auto", "seed": 0, "leaf": 9}, [(203, 22, [])]),
+    ("auto, seed 3", {"gen": "auto", "seed": 3}, [(203, 22, [])]),
+    ("numpy_philox (control)", {"gen": "numpy_philox", "seed": 1}, [(203, 22, [])]),
+  ],
+  # A shorter list (the faster tests) for the related-key streams the "quick" plan had no time for here.
+  "related_short": [
+    ("auto, 8 parts fold_in(key, p) interleaved", {"gen": "auto", "seed": 7, "interleave": "parts"}, SHORT_TESTS),
+    (
+      "auto, rbg key 2, leaves of 2^26 entries (a key change every 2^26 words)",
+      {"gen": "auto", "seed": 2, "impl": "rbg", "leaf_size": 2**26},
+      SHORT_TESTS,
+    ),
   ],
   # The tests -a runs after its lagged sums, on -a's stream: in case -a does not get there in time here.
   "rest": [
