@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import uncertainty as U  # noqa: E402
 
-from bsam_optax import _data  # noqa: E402
+from bsam_optax import app  # noqa: E402
 
 # Used when benchmarks/results/uncertainty.json has no selected configuration.
 DEFAULTS = {
@@ -136,7 +136,7 @@ def main(argv=None):
   plot = os.path.join(os.path.dirname(os.path.abspath(out)), stem + ".png")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   configs, bsam_fixed, source = selected_configs(args.model, args.configs)
-  data = _data.load_dataset("mnist1d")
+  data = app.load_dataset("mnist1d")
   setup = U.Setup(model=args.model, epochs=epochs)
   fixed = {"bsam": bsam_fixed, "bsam_no_noise": bsam_fixed}
 

@@ -43,8 +43,7 @@ import numpy as np
 import optax
 
 import bsam_optax as bo
-from bsam_optax import _data
-from bsam_optax import _models
+from bsam_optax import app
 from bsam_optax import metrics as _metrics
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -148,10 +147,10 @@ class Setup:
 
 def _model(name: str, num_classes: int):
   if name == "mlp":  # 40-128-128-10, 23k parameters
-    return _models.make_model("mlp", num_classes, features=(128, 128))
+    return app.make_model("mlp", num_classes, features=(128, 128))
   # Three strided 1-D convolutions (kernel 5) with 16 channels and a linear read-out, 4k parameters:
   # the MNIST-1D reference CNN at 16 instead of 32 channels, 4x cheaper on CPU (4 vs 19 ms a step).
-  return _models.make_model("cnn", num_classes, channels=(16, 16, 16))
+  return app.make_model("cnn", num_classes, channels=(16, 16, 16))
 
 
 def build_method(
@@ -238,7 +237,7 @@ def _nll_of_log_probs(log_probs, labels):
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
-def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_list=None):
+def make_runner(method: str, setup: Setup, data: app.Dataset, eval_samples_list=None):
   """A compiled ``runs(hps, seeds) -> metrics``, vmapped over runs.
 
   ``hps`` maps every hyper-parameter name to an array with one entry per run,
@@ -253,7 +252,7 @@ def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_lis
   """
   model = _model(setup.model, data.num_classes)
   n_train = data.train.y.shape[0]
-  steps_per_epoch = _data.num_batches(data.train, setup.batch_size)
+  steps_per_epoch = app.num_batches(data.train, setup.batch_size)
   total_steps = steps_per_epoch * setup.epochs
   bayesian = method in BAYESIAN
   samples = sorted(set(eval_samples_list or ()) | ({setup.eval_samples} if bayesian else set()))
@@ -281,7 +280,7 @@ def make_runner(method: str, setup: Setup, data: _data.Dataset, eval_samples_lis
     data_key, step_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
     def epoch(carry, e):
-      batches = _data.epoch_batches(jax.random.fold_in(data_key, e), data.train, setup.batch_size)
+      batches = app.epoch_batches(jax.random.fold_in(data_key, e), data.train, setup.batch_size)
 
       def body(carry, xs):
         params, opt_state = carry
@@ -635,7 +634,7 @@ def main(argv=None):
     epochs = args.epochs or (5 if quick else 60)
     bsam_fixed = json.loads(args.bsam) if args.bsam else {}
     curvature = bsam_fixed.get("curvature", "abs_grad")
-    data = _data.load_dataset("mnist1d")
+    data = app.load_dataset("mnist1d")
     results, times = {}, {}
     for model in models:
       setup = Setup(model=model, epochs=epochs, eval_samples=args.eval_samples, curvature=curvature)

@@ -13,11 +13,6 @@ from bsam_optax._bsam import scale_by_bsam
 from bsam_optax._checkpoint import Checkpoint
 from bsam_optax._checkpoint import restore_checkpoint
 from bsam_optax._checkpoint import save_checkpoint
-from bsam_optax._data import Dataset
-from bsam_optax._data import Split
-from bsam_optax._data import epoch_batches
-from bsam_optax._data import iterate_batches
-from bsam_optax._data import load_dataset
 from bsam_optax._fisher_sam import fisher_sam_perturbed_params
 from bsam_optax._fisher_sam import fisher_sam_rule
 from bsam_optax._fisher_sam import fisher_sam_step
@@ -62,11 +57,9 @@ __version__ = "0.1.0"
 __all__ = [
   "BSAMState",
   "Checkpoint",
-  "Dataset",
   "MFVIState",
   "PerturbationRule",
   "PosteriorSummary",
-  "Split",
   "StepInfo",
   "StepOptions",
   "VSAMState",
@@ -77,15 +70,12 @@ __all__ = [
   "bsam_no_noise_step",
   "bsam_rule",
   "bsam_step",
-  "epoch_batches",
   "find_bsam_state",
   "find_posterior_state",
   "fisher_sam_perturbed_params",
   "fisher_sam_rule",
   "fisher_sam_step",
   "hash_prng_impl",
-  "iterate_batches",
-  "load_dataset",
   "make_perturbation_step",
   "mfvi",
   "mfvi_rule",

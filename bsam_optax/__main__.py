@@ -1,7 +1,7 @@
-"""``python -m bsam_optax``: the ``bsam-optax`` command."""
+"""``python -m bsam_optax``: the ``bsam-optax`` command (:mod:`bsam_optax.app.cli`)."""
 
 import sys
 
-from bsam_optax._cli import main
+from bsam_optax.app.cli import main
 
 sys.exit(main())

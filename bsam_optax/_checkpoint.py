@@ -142,13 +142,24 @@ def restore_checkpoint(
   Returns:
     A :class:`Checkpoint` ``(params, opt_state, step, extra)``; ``step`` and
     ``extra`` are ``None`` if they were not saved.
+
+  Raises:
+    FileNotFoundError: ``path`` is not a directory.
+    ValueError: naming ``path``, if it holds no readable checkpoint (other
+      files, a truncated or garbled file) or one of other trees.
   """
   ocp = _orbax()
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
   with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata.tree
+    try:
+      saved = checkpointer.metadata(path).item_metadata
+    except Exception as err:  # orbax and tensorstore raise many kinds (JSONDecodeError, ValueError, ...)
+      raise ValueError(f"cannot read the checkpoint at {path}: {_reason(err)}; {_NOT_OURS}") from err
+    if saved is None or not isinstance(getattr(saved, "tree", None), dict) or "params" not in saved.tree:
+      raise ValueError(f"cannot read the checkpoint at {path}: {_found(path)}; {_NOT_OURS}")
+    saved = saved.tree
     target = {"params": _abstract(params), "opt_state": _abstract(opt_state)}
     if "step" in saved:
       target["step"] = _abstract_from_metadata(saved["step"])
@@ -156,6 +167,29 @@ def restore_checkpoint(
       target["extra"] = _abstract_from_metadata(saved["extra"]) if extra is None else _abstract(extra)
     elif extra is not None:
       raise ValueError(f"the checkpoint at {path} has no extra tree, but an extra target was given")
-    restored = checkpointer.restore(path, target)
+    try:
+      restored = checkpointer.restore(path, target)
+    except Exception as err:
+      raise ValueError(
+        f"cannot restore the checkpoint at {path} into the given targets: {_reason(err)}; it was saved from other "
+        "params / opt_state / extra trees, or it is incomplete or corrupt"
+      ) from err
   step = int(restored["step"]) if "step" in restored else None
   return Checkpoint(restored["params"], restored["opt_state"], step, restored.get("extra"))
+
+
+_NOT_OURS = "it is not a checkpoint written by save_checkpoint, or it is incomplete or corrupt"
+
+
+def _reason(err: Exception) -> str:
+  lines = str(err).strip().splitlines()
+  text = lines[0] if lines else ""
+  return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
+
+
+def _found(path: str) -> str:
+  names = sorted(os.listdir(path))
+  if not names:
+    return "the directory is empty"
+  shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+  return f"its metadata is missing or unreadable (found {shown})"

@@ -39,7 +39,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import distributed as _jax_distributed
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -126,9 +125,23 @@ def _watchdog(done: threading.Event, timeout_s: float, what: str) -> None:
   os._exit(INIT_TIMEOUT_EXIT_CODE)
 
 
+def _coordination_state():
+  """JAX's distributed state: the processes' count and index as given, and the coordination service's client.
+
+  Private to JAX: ``jax.distributed`` exports only ``initialize``, ``is_initialized`` and ``shutdown`` (JAX
+  0.10), and the public ``jax.process_count()`` would start the backends, after which a mismatch can no longer be
+  an error on every process in bounded time. ``None`` if this JAX lays it out otherwise: the check is then skipped.
+  """
+  try:
+    from jax._src import distributed
+  except ImportError:
+    return None
+  return getattr(distributed, "global_state", None)
+
+
 def _check_agreement(num_processes: int, process_id: int, timeout_s: float) -> None:
   """Every process publishes its num_processes and reads everyone's: a mismatch is an error on all."""
-  client = getattr(getattr(_jax_distributed, "global_state", None), "client", None)
+  client = getattr(_coordination_state(), "client", None)
   if client is None or not hasattr(client, "blocking_key_value_get"):
     return
   client.key_value_set(f"bsam_optax/num_processes/{process_id}", str(num_processes))
@@ -236,8 +249,9 @@ def initialize(
     )
   finally:
     done.set()
-  state = _jax_distributed.global_state
-  _check_agreement(state.num_processes, state.process_id, max(1.0, deadline - time.monotonic()))
+  state = _coordination_state()
+  if state is not None:
+    _check_agreement(state.num_processes, state.process_id, max(1.0, deadline - time.monotonic()))
 
 
 def _slurm_tasks() -> int:

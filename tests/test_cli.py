@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bsam_optax import _cli
+from bsam_optax.app import cli as _cli
 
 TINY = [
   "train",
@@ -58,13 +58,13 @@ def test_baseline_prints_no_model_average(tmp_path, capsys):
   "flags, message",
   [
     (["--m", "3"], "m=3 must divide batch_size=32"),
-    (["--m", "0"], "expected a positive integer, got 0"),
-    (["--epochs", "-2"], "expected a positive integer, got -2"),
-    (["--epochs", "two"], "expected a positive integer, got 'two'"),
-    (["--lr", "-1"], "expected a finite number >= 0"),
-    (["--rho", "nan"], "expected a finite number >= 0"),
-    (["--init-scale", "0"], "expected a number > 0"),
-    (["--b2", "1.5"], r"b2 must be in \[0, 1\)"),
+    (["--m", "0"], "argument --m: m must be a positive int, got 0"),
+    (["--epochs", "-2"], "argument --epochs: epochs must be a positive int, got -2"),
+    (["--epochs", "two"], "argument --epochs: expected an integer, got 'two'"),
+    (["--lr", "-1"], r"argument --lr: learning_rate must be >= 0, got -1.0"),
+    (["--rho", "nan"], "argument --rho: rho must be a finite number, got nan"),
+    (["--init-scale", "0"], "argument --init-scale: init_scale must be > 0, got 0.0"),
+    (["--b2", "1.5"], r"argument --b2: b2 must be a number in \[0, 1\), got 1.5"),
     (["--dataset", "cifar10"], "invalid choice: 'cifar10'"),
     (["--optimizer", "lbfgs"], "invalid choice: 'lbfgs'"),
     (["--batch-size", "4096"], "exceeds the 128 training examples"),
@@ -114,5 +114,5 @@ def test_entry_points(command, tmp_path):
   help_text = subprocess.run(command + ["train", "--help"], capture_output=True, text=True, check=True).stdout
   assert "--optimizer" in help_text and "bsam" in help_text
   bad = subprocess.run(command + ["train", "--m", "0", "--out", str(tmp_path)], capture_output=True, text=True)
-  assert bad.returncode == 2 and "expected a positive integer" in bad.stderr
+  assert bad.returncode == 2 and "m must be a positive int" in bad.stderr
   assert os.listdir(tmp_path) == []

@@ -176,3 +176,29 @@ def test_learning_rate_annotated_as_schedule_and_schedule_equals_constant():
       p = optax.apply_updates(p, u)
     results.append(p)
   chex.assert_trees_all_close(*results)
+
+
+def test_apply_if_finite_skips_a_non_finite_step():
+  # optax.apply_if_finite composes with bsam and its step: a step whose loss (so g and g_ε) is NaN leaves the
+  # params and bSAM's state unchanged and is counted; the next finite step goes on from where the last good one was.
+  tx = optax.apply_if_finite(bo.bsam(**KWARGS), max_consecutive_errors=2)
+  step = jax.jit(bo.bsam_step(lambda w, batch: jnp.mean(jnp.sum(batch * (w - 1.0) ** 2, axis=-1)), tx, m=2))
+  good = jnp.ones((4, 3))
+  bad = good.at[0, 1].set(jnp.nan)
+  params = jnp.array([0.5, -1.0, 2.0])
+  params, state, _ = step(params, tx.init(params), good, jax.random.key(0))
+  skipped_params, skipped_state, info = step(params, state, bad, jax.random.key(1))
+  assert not jnp.isfinite(info["loss"])
+  chex.assert_trees_all_equal(skipped_params, params)
+  chex.assert_trees_all_equal(bo.find_bsam_state(skipped_state), bo.find_bsam_state(state))
+  assert int(skipped_state.notfinite_count) == 1 and int(skipped_state.total_notfinite) == 1
+  after, after_state, info = step(skipped_params, skipped_state, good, jax.random.key(2))
+  assert jnp.isfinite(info["loss"]) and int(after_state.notfinite_count) == 0
+  assert int(bo.find_bsam_state(after_state).count) == int(bo.find_bsam_state(state).count) + 1
+  chex.assert_tree_all_finite((after, after_state))
+  # What it checks is the gradient tx.update receives, g_ε: with ρ = 0 (g_ε at ω) a NaN noisy gradient g alone
+  # is not caught, and reaches the scale s (README: "Skipping non-finite steps").
+  tx = optax.apply_if_finite(bo.bsam(**{**KWARGS, "rho": 0.0}), max_consecutive_errors=2)
+  state = tx.init(params)
+  _, state = tx.update(jnp.ones(3), state, params, noisy_grads=jnp.full(3, jnp.nan))
+  assert int(state.notfinite_count) == 0 and not jnp.all(jnp.isfinite(bo.find_bsam_state(state).scale))

@@ -1,4 +1,4 @@
-"""Tests for bsam_optax._data and bsam_optax._models: offline data, splits, OOD sets, batching, models."""
+"""Tests for bsam_optax.app.data and bsam_optax.app.models: offline data, splits, OOD sets, batching, models."""
 
 import random
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsam_optax import _data
-from bsam_optax import _models
+from bsam_optax.app import data as _data
+from bsam_optax.app import models as _models
 
 
 @pytest.fixture(scope="module", params=["mnist1d", "digits"])

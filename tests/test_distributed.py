@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 
 import bsam_optax as bo
 import bsam_optax.distributed as dist
-from bsam_optax import _train
+from bsam_optax import app
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distributed_worker.py")
 # float32; the processes' pmean sums the devices' gradients in another order
@@ -216,7 +216,7 @@ def test_checkpoint_from_two_processes_restores_into_one(two_process_run):
 
 
 # The main job, small: 2 epochs of bSAM on digits, m=4 (one part per device of the 2 x 2).
-MAIN_JOB = _train.TrainConfig(
+MAIN_JOB = app.TrainConfig(
   dataset="digits", model="mlp", epochs=2, batch_size=64, m=4, width=8, eval_samples=4, progress=False
 )
 
@@ -246,7 +246,7 @@ def test_main_job_two_processes_equal_one_device(tmp_path):
   written = json.loads((tmp_path / "out_0" / "metrics.json").read_text())
   assert written["config"]["data_parallel"] is True
 
-  reference = _train.train(c)
+  reference = app.train(c)
   for name, metrics in reference.metrics.items():
     for key, value in metrics.items():
       assert written["metrics"][name][key] == pytest.approx(value, abs=1e-5), (name, key)
@@ -258,7 +258,7 @@ def test_main_job_two_processes_equal_one_device(tmp_path):
 
   # The 2 processes' per-epoch checkpoints resume here, in one process on one device: the run is complete, so
   # nothing is trained, and the restored state gives the same metrics.
-  resumed = _train.train(dataclasses.replace(c, checkpoint_dir=str(tmp_path / "checkpoints")))
+  resumed = app.train(dataclasses.replace(c, checkpoint_dir=str(tmp_path / "checkpoints")))
   assert resumed.history == written["history"]
   for name, metrics in written["metrics"].items():
     for key, value in metrics.items():

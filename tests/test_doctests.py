@@ -9,7 +9,7 @@ import pytest
 import bsam_optax
 
 MODULES = sorted(
-  info.name for info in pkgutil.iter_modules(bsam_optax.__path__, "bsam_optax.") if not info.name.endswith("__main__")
+  info.name for info in pkgutil.walk_packages(bsam_optax.__path__, "bsam_optax.") if not info.name.endswith("__main__")
 )
 
 

@@ -143,8 +143,8 @@ def load_dataset(name: str, *, num_samples: int | None = None) -> Dataset:
     A :class:`Dataset`.
 
   Example:
-    >>> import bsam_optax as bo
-    >>> data = bo.load_dataset("digits")
+    >>> from bsam_optax.app import load_dataset
+    >>> data = load_dataset("digits")
     >>> data.train.x.shape, data.num_classes
     ((1259, 8, 8), 10)
   """

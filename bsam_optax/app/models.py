@@ -1,4 +1,4 @@
-"""Small Flax linen classifiers for the examples, the main job and the tests.
+"""Small Flax linen classifiers of the main job, its loss and its evaluation-mode predictor.
 
 Both take ``__call__(x, train=False)`` and return logits; with
 ``batch_norm=True`` they hold BatchNorm statistics in the ``"batch_stats"``
@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ["CNN", "MLP", "MODELS", "make_model", "num_params"]
+__all__ = ["CNN", "MLP", "MODELS", "apply_fn", "loss_fn", "make_model", "model_for", "num_params"]
 
 
 def _norm(x, train: bool, enabled: bool):
@@ -68,7 +69,15 @@ MODELS = ("mlp", "cnn")
 
 
 def make_model(name: str, num_classes: int = 10, *, batch_norm: bool = False, **kwargs) -> nn.Module:
-  """Builds ``"mlp"`` or ``"cnn"``; ``kwargs`` go to the module (``features=``, ``channels=`` ...)."""
+  """Builds ``"mlp"`` or ``"cnn"``; ``kwargs`` go to the module (``features=``, ``channels=`` ...).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bsam_optax.app.models import make_model, num_params
+    >>> model = make_model("mlp", 3, features=(4,))
+    >>> num_params(model.init(jax.random.key(0), jnp.ones((1, 2)))["params"])
+    27
+  """
   if name == "mlp":
     return MLP(num_classes=num_classes, batch_norm=batch_norm, **kwargs)
   if name == "cnn":
@@ -79,3 +88,44 @@ def make_model(name: str, num_classes: int = 10, *, batch_norm: bool = False, **
 def num_params(params) -> int:
   """The number of scalar parameters in a pytree."""
   return sum(jnp.size(x) for x in jax.tree.leaves(params))
+
+
+def model_for(config, num_classes: int) -> nn.Module:
+  """The model of a :class:`~bsam_optax.app.TrainConfig`: ``width`` channels (CNN) or 4 x ``width`` units (MLP)."""
+  if config.model == "mlp":
+    kwargs = {"features": (4 * config.width, 4 * config.width)}
+  else:
+    kwargs = {"channels": (config.width,) * 3}
+  return make_model(config.model, num_classes, batch_norm=config.batch_norm, **kwargs)
+
+
+def apply_fn(model: nn.Module, batch_stats=None):
+  """``apply(params, x) -> logits`` in evaluation mode (with the running BatchNorm statistics, if any)."""
+
+  def apply(params, x):
+    variables = {"params": params}
+    if batch_stats is not None:
+      variables["batch_stats"] = batch_stats
+    return model.apply(variables, x)
+
+  return apply
+
+
+def loss_fn(model: nn.Module, batch_norm: bool):
+  """The training loss: mean cross-entropy of a batch with fields ``x`` and ``y`` in training mode.
+
+  Returns ``loss(params, batch) -> value`` or, with ``batch_norm``,
+  ``loss(params, batch, batch_stats) -> (value, new_batch_stats)`` (the form
+  of the library's steps with ``has_aux=True``).
+  """
+
+  def loss(params, batch, *batch_stats):
+    if batch_norm:
+      variables = {"params": params, "batch_stats": batch_stats[0]}
+      logits, updates = model.apply(variables, batch.x, train=True, mutable=["batch_stats"])
+    else:
+      logits = model.apply({"params": params}, batch.x, train=True)
+    value = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()
+    return (value, updates["batch_stats"]) if batch_norm else value
+
+  return loss
