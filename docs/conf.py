@@ -71,6 +71,7 @@ API_MODULES = [
   ("bsam_optax.metrics", "Metrics"),
   ("bsam_optax.flax", "Flax"),
   ("bsam_optax.distributed", "Devices, processes and hosts"),
+  ("bsam_optax.app", "The main job, an application on the library"),
 ]
 
 

@@ -22,7 +22,7 @@ from bsam_optax.app.checkpoint import CheckpointError
 from bsam_optax.app.config import ConfigError
 from bsam_optax.app.config import TrainConfig
 from bsam_optax.app.config import check_config
-from bsam_optax.app.data import DATASETS
+from bsam_optax.app.data import DATASETS as DATASETS
 from bsam_optax.app.data import Dataset
 from bsam_optax.app.data import Split
 from bsam_optax.app.data import epoch_batches
@@ -30,9 +30,9 @@ from bsam_optax.app.data import iterate_batches
 from bsam_optax.app.data import load_dataset
 from bsam_optax.app.data import num_batches
 from bsam_optax.app.evaluate import evaluate
-from bsam_optax.app.models import MODELS
+from bsam_optax.app.models import MODELS as MODELS
 from bsam_optax.app.models import make_model
-from bsam_optax.app.optimizers import OPTIMIZERS
+from bsam_optax.app.optimizers import OPTIMIZERS as OPTIMIZERS
 from bsam_optax.app.optimizers import Optimizer
 from bsam_optax.app.train import TrainingDiverged
 from bsam_optax.app.train import TrainingInterrupted
@@ -40,9 +40,6 @@ from bsam_optax.app.train import TrainResult
 from bsam_optax.app.train import train
 
 __all__ = [
-  "DATASETS",
-  "MODELS",
-  "OPTIMIZERS",
   "CheckpointError",
   "ConfigError",
   "Dataset",

@@ -218,7 +218,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
   _check_out_dir(config.out_dir)
   if config.checkpoint_dir is not None and os.path.isfile(config.checkpoint_dir):
     raise ConfigError(f"checkpoint_dir {config.checkpoint_dir} exists and is not a directory", "checkpoint_dir")
-  defaults = OPTIMIZERS[config.optimizer].defaults
+  defaults: dict[str, Any] = {k: v for k, v in OPTIMIZERS[config.optimizer].defaults.items()}
   return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
 
 

@@ -92,6 +92,7 @@ def num_params(params) -> int:
 
 def model_for(config, num_classes: int) -> nn.Module:
   """The model of a :class:`~bsam_optax.app.TrainConfig`: ``width`` channels (CNN) or 4 x ``width`` units (MLP)."""
+  kwargs: dict[str, tuple[int, ...]]
   if config.model == "mlp":
     kwargs = {"features": (4 * config.width, 4 * config.width)}
   else:

@@ -26,21 +26,19 @@ AXIS = "data"
 
 
 class Optimizer(NamedTuple):
-  """An entry of :data:`OPTIMIZERS`.
+  """An entry of :data:`OPTIMIZERS`, with these fields.
 
-  Attributes:
-    make_tx: ``(config, learning_rate_schedule, n_data) -> tx``.
-    make_step: ``(loss_fn, tx, config, has_aux, thread_aux, mesh) -> step`` with
-      ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state, info)``
-      (the signature of :func:`bsam_optax.bsam_step`; ``info["loss"]`` is the
-      mean loss at the first gradient's point). With a ``mesh`` (axis
-      ``"data"``) the step takes the global batch sharded over the devices.
-    bayesian: whether ``opt_state`` holds a posterior (then the model
-      average and the posterior std are reported).
-    defaults: values for the config fields left ``None``
-      (``learning_rate``, ``weight_decay``, ``rho``, ``b1``, ``b2``).
-    m_sharpness: whether the step splits the batch into ``config.m`` parts
-      (else ``m`` is ignored and each device takes one part).
+  - ``make_tx``: ``(config, learning_rate_schedule, n_data) -> tx``.
+  - ``make_step``: ``(loss_fn, tx, config, has_aux, thread_aux, mesh) -> step`` with
+    ``step(params, opt_state, batch, key, *loss_args) -> (params, opt_state, info)`` (the signature of
+    :func:`bsam_optax.bsam_step`; ``info["loss"]`` is the mean loss at the first gradient's point). With a
+    ``mesh`` (axis ``"data"``) the step takes the global batch sharded over the devices.
+  - ``bayesian``: whether ``opt_state`` holds a posterior (then the model average and the posterior std are
+    reported).
+  - ``defaults``: values for the config fields left ``None`` (``learning_rate``, ``weight_decay``, ``rho``,
+    ``b1``, ``b2``).
+  - ``m_sharpness``: whether the step splits the batch into ``config.m`` parts (else ``m`` is ignored and
+    each device takes one part).
   """
 
   make_tx: Callable[[Any, optax.Schedule, float], optax.GradientTransformation]

@@ -236,7 +236,7 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
   run_epoch = _make_run_epoch(step, config.batch_norm)
   validation_accuracy = jax.jit(lambda p, bs, x, y: jnp.mean(jnp.argmax(_models.apply_fn(model, bs)(p, x), -1) == y))
 
-  history = []
+  history: list[dict[str, float]] = []
   if checkpoints is not None:
     (params, opt_state, batch_stats), history = checkpoints.restore((params, opt_state, batch_stats))
   epochs = range(len(history), config.epochs)
@@ -273,7 +273,7 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
         if bar is not None:
           bar.set_postfix(loss=f"{float(epoch_loss):.3f}", val_acc=f"{val_acc:.3f}")
         signum = stop.requested() if stop.enabled else None
-        if signum is not None:
+        if signum is not None and checkpoints is not None:
           raise TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1} of {config.epochs}, saved in "
             f"{checkpoints.directory}; run the same command again to resume",
