@@ -406,6 +406,7 @@ def make_train_step(
   rng_streams: Sequence[str] = ("dropout",),
   split: Literal["vmap", "scan", "unroll"] = "vmap",
   donate: bool = False,
+  rule: bo.PerturbationRule | None = None,
 ):
   """Builds a bSAM train step for a linen model held in a :class:`TrainState`.
 
@@ -415,6 +416,10 @@ def make_train_step(
   :func:`bsam_optax.bsam_step` with ``state.tx``, ``batch_stats`` as its
   loss_arg and the new statistics as its aux. Models without BatchNorm
   (``state.batch_stats`` ``None`` or absent) are called with ``{"params": p}``.
+  With ``rule``, the step is that method's instead
+  (:func:`bsam_optax.make_perturbation_step`), e.g. ``bo.sam_rule(rho=0.05)``
+  for SAM or ``bo.PerturbationRule()`` for a plain gradient step, with the
+  same model call and BatchNorm policy.
 
   Args:
     loss_fn: ``loss_fn(outputs, batch) -> loss``, the mean loss over the
@@ -444,6 +449,8 @@ def make_train_step(
     split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
       ``bsam_step``).
     donate: donate the state's buffers to the compiled step.
+    rule: a :class:`~bsam_optax.PerturbationRule`; ``None`` for
+      ``bo.bsam_rule()``, bSAM.
 
   Returns:
     ``step(state, batch, key) -> (state, info)`` with ``info`` a
@@ -482,6 +489,10 @@ def make_train_step(
   plans = {with_stats: _Plan(bn_update, has_aux, aux_reduce, with_stats) for with_stats in (False, True)}
   for plan in plans.values():
     bo.StepOptions(m=m, axis_name=axis_name, mesh=mesh, split=split, donate=donate, **plan.options)
+  if rule is None:
+    rule = bo.bsam_rule()
+  elif not isinstance(rule, bo.PerturbationRule):
+    raise TypeError(f"rule must be a bsam_optax.PerturbationRule, got {type(rule).__name__}")
   apply_kwargs = dict(apply_kwargs or {})
 
   def step(state, batch, key: jax.Array):
@@ -504,7 +515,9 @@ def make_train_step(
       return plan.loss_out(loss_fn(outputs, part), new_stats)
 
     loss_args = () if running is None else (plan.carry(running),)
-    inner = bo.bsam_step(loss, state.tx, m, axis_name, mesh=mesh, split=split, **plan.options)
+    inner = bo.make_perturbation_step(
+      loss, state.tx, rule, m=m, axis_name=axis_name, mesh=mesh, split=split, **plan.options
+    )
     params, opt_state, info = inner(state.params, state.opt_state, _with_index(batch, axis_name, mesh), key, *loss_args)
     new_stats, info = plan.results(info, axis_name, mesh)
     replace = dict(step=state.step + 1, params=params, opt_state=opt_state)

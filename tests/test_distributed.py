@@ -205,14 +205,14 @@ def test_checkpoint_from_two_processes_restores_into_one(two_process_run):
   on_mesh = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), one_device)
   for abstract in (one_device, on_mesh):
     restored = checkpointer.restore(out / "checkpoint", abstract)
-    assert isinstance(restored["opt_state"], bo.BSAMState)
+    assert isinstance(bo.find_bsam_state(restored["opt_state"]), bo.BSAMState)
     host = worker.result_arrays(dist.to_host(restored["params"]), dist.to_host(restored["opt_state"]))
     for name in result:
       np.testing.assert_array_equal(host[name], result[name], err_msg=name)
   # and training goes on from it in this process
   batch = worker.global_batches()[0]
   _, s, out_ = _step(1, 4)(restored["params"], restored["opt_state"], batch, jax.random.fold_in(key, worker.STEPS))
-  assert int(s.count) == worker.STEPS + 1 and np.isfinite(float(out_["loss"]))
+  assert int(bo.find_bsam_state(s).count) == worker.STEPS + 1 and np.isfinite(float(out_["loss"]))
 
 
 # The main job, small: 2 epochs of bSAM on digits, m=4 (one part per device of the 2 x 2).

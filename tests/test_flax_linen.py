@@ -334,3 +334,24 @@ def test_predictive_recomputes_batch_statistics_per_sample():
   np.testing.assert_allclose(running, jax.nn.softmax(logits), rtol=1e-5, atol=1e-6)
   samples = state.sample_posterior(jax.random.key(0), 3)
   assert jax.tree.leaves(samples)[0].shape[0] == 3
+
+
+def test_rule_makes_that_methods_step():
+  # rule= gives another method's step with the same model call: SAM's is bo.sam_step's, the empty rule's a plain
+  # gradient step; the default stays bSAM.
+  x, y = _data()
+  model = nn.Dense(3)
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  loss = lambda p, batch: _loss(model.apply({"params": p}, batch[0]), batch)
+  for rule, reference in (
+    (bo.sam_rule(rho=0.05), bo.sam_step(loss, tx, rho=0.05, m=2)),
+    (bo.PerturbationRule(), bo.make_perturbation_step(loss, tx, bo.PerturbationRule(), m=2)),
+  ):
+    new, info = make_train_step(_loss, m=2, rule=rule)(state, (x, y), jax.random.key(1))
+    expected, _, expected_info = reference(params, tx.init(params), (x, y), jax.random.key(1))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.params, expected)
+    assert float(info.loss) == pytest.approx(float(expected_info.loss), rel=1e-6)
+  with pytest.raises(TypeError, match="rule must be a bsam_optax.PerturbationRule"):
+    make_train_step(_loss, rule="sam")
