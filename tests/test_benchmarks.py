@@ -131,3 +131,11 @@ def test_sharding_memory_quick_halves_per_device_bytes_with_each_doubling_of_mod
   held = [r["params / device (MB)"] + r["state / device (MB)"] for r in rows]
   for before, after in zip(held, held[1:], strict=False):
     assert after == pytest.approx(before / 2, rel=0.1)
+
+
+@pytest.mark.parametrize("name", ["uncertainty", "sensitivity"])
+def test_benchmark_imports_public_names_only(name):
+  # What a user can run against the installed package: the library's and the application's public modules.
+  with open(os.path.join(BENCHMARKS, f"{name}.py"), encoding="utf-8") as f:
+    source = f.read()
+  assert not re.findall(r"bsam_optax\._\w+|from bsam_optax(?:\.\w+)* import _\w+", source)

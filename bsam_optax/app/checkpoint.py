@@ -131,7 +131,11 @@ class EpochCheckpoints:
     epoch = epochs[-1]
     path = os.path.join(self.directory, str(epoch))
     params, opt_state, batch_stats = state
-    history_target = {k: jax.ShapeDtypeStruct((epoch,), np.float32) for k in ("loss", "validation_accuracy")}
+    # On this process's first device: every process reads the whole history (a multi-process restore needs shardings).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    history_target = {
+      k: jax.ShapeDtypeStruct((epoch,), np.float32, sharding=here) for k in ("loss", "validation_accuracy")
+    }
     extra = {"history": history_target, **({} if batch_stats is None else {"batch_stats": batch_stats})}
     try:
       restored = bo.restore_checkpoint(path, params, opt_state, extra=extra)

@@ -179,9 +179,9 @@ def check_config(config: TrainConfig) -> TrainConfig:
 
   Example:
     >>> from bsam_optax.app import TrainConfig, check_config
-    >>> check_config(TrainConfig(optimizer="adam")).learning_rate
+    >>> check_config(TrainConfig(dataset="digits", optimizer="adam")).learning_rate
     0.03
-    >>> check_config(TrainConfig(m=3))
+    >>> check_config(TrainConfig(dataset="digits", m=3))
     Traceback (most recent call last):
     ...
     bsam_optax.app.config.ConfigError: m=3 must divide batch_size=128: m-sharpness splits each batch into m equal parts

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["CNN", "MLP", "MODELS", "apply_fn", "loss_fn", "make_model", "model_for", "num_params"]
+__all__ = ["CNN", "MLP", "MODELS", "apply_fn", "cross_entropy", "make_model", "model_for", "num_params"]
 
 
 def _norm(x, train: bool, enabled: bool):
@@ -112,21 +112,6 @@ def apply_fn(model: nn.Module, batch_stats=None):
   return apply
 
 
-def loss_fn(model: nn.Module, batch_norm: bool):
-  """The training loss: mean cross-entropy of a batch with fields ``x`` and ``y`` in training mode.
-
-  Returns ``loss(params, batch) -> value`` or, with ``batch_norm``,
-  ``loss(params, batch, batch_stats) -> (value, new_batch_stats)`` (the form
-  of the library's steps with ``has_aux=True``).
-  """
-
-  def loss(params, batch, *batch_stats):
-    if batch_norm:
-      variables = {"params": params, "batch_stats": batch_stats[0]}
-      logits, updates = model.apply(variables, batch.x, train=True, mutable=["batch_stats"])
-    else:
-      logits = model.apply({"params": params}, batch.x, train=True)
-    value = optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()
-    return (value, updates["batch_stats"]) if batch_norm else value
-
-  return loss
+def cross_entropy(logits: jax.Array, batch) -> jax.Array:
+  """The training loss: the mean cross-entropy of ``logits`` and the labels ``batch.y``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()

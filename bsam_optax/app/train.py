@@ -4,7 +4,8 @@
 
   data     = load_dataset(config.dataset)                 # offline, no download
   tx       = OPTIMIZERS[config.optimizer].make_tx(...)    # cosine-decayed learning rate
-  step     = OPTIMIZERS[config.optimizer].make_step(...)  # e.g. bo.bsam_step(loss, tx, m)
+  state    = bsam_optax.flax.TrainState.create(apply_fn=model.apply, params=..., tx=tx, batch_stats=...)
+  step     = bsam_optax.flax.make_train_step(cross_entropy, rule=OPTIMIZERS[config.optimizer].rule(config), m=...)
   for epoch: lax.scan(step, epoch_batches(fold_in(k_data, epoch), data.train, B))
              stop if a loss or a parameter is not finite (TrainingDiverged)
              save a checkpoint (checkpoint_dir); stop if SIGTERM / SIGINT came (TrainingInterrupted)
@@ -17,6 +18,7 @@ and the posterior samples of the evaluation (3).
 """
 
 import dataclasses
+import operator
 import signal
 import sys
 import threading
@@ -31,6 +33,7 @@ import optax
 
 import bsam_optax as bo
 from bsam_optax import distributed as _distributed
+from bsam_optax import flax as _flax
 from bsam_optax.app import data as _data
 from bsam_optax.app import models as _models
 from bsam_optax.app import report as _report
@@ -42,7 +45,7 @@ from bsam_optax.app.evaluate import evaluate
 from bsam_optax.app.evaluate import posterior_std_summary
 from bsam_optax.app.optimizers import AXIS
 from bsam_optax.app.optimizers import OPTIMIZERS
-from bsam_optax.app.optimizers import step_options
+from bsam_optax.app.optimizers import parts_per_device
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train"]
 
@@ -80,26 +83,18 @@ class TrainingInterrupted(RuntimeError):
     self.signum, self.epoch, self.checkpoint_dir = signum, epoch, checkpoint_dir
 
 
-def _make_run_epoch(step, batch_norm):
+def _make_run_epoch(step):
   @jax.jit
-  def run_epoch(params, opt_state, batch_stats, batches, key, first_step):
-    def body(carry, xs):
-      params, opt_state, batch_stats = carry
+  def run_epoch(state, batches, key, first_step):
+    def body(state, xs):
       index, batch = xs
-      step_key = jax.random.fold_in(key, first_step + index)
-      loss_args = (batch_stats,) if batch_norm else ()
-      params, opt_state, info = step(params, opt_state, batch, step_key, *loss_args)
-      if batch_norm:
-        batch_stats = info["aux"]
-      # info["loss"]: the mean loss at the first point (at θ for bSAM).
-      return (params, opt_state, batch_stats), info["loss"]
+      state, info = step(state, batch, jax.random.fold_in(key, first_step + index))
+      return state, info.loss  # the mean loss at the first point (at θ for bSAM)
 
     n = jax.tree.leaves(batches)[0].shape[0]
-    (params, opt_state, batch_stats), losses = jax.lax.scan(
-      body, (params, opt_state, batch_stats), (jnp.arange(n), batches)
-    )
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, batch_stats))]))
-    return params, opt_state, batch_stats, jnp.mean(losses), losses, finite
+    state, losses = jax.lax.scan(body, state, (jnp.arange(n), batches))
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((state.params, state.batch_stats))]))
+    return state, jnp.mean(losses), losses, finite
 
   return run_epoch
 
@@ -202,7 +197,8 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
 
   Example:
     >>> from bsam_optax.app import TrainConfig, train
-    >>> result = train(TrainConfig(dataset="digits", model="mlp", epochs=1, progress=False))
+    >>> config = TrainConfig(dataset="digits", model="mlp", width=4, epochs=1, m=1, eval_samples=2, progress=False)
+    >>> result = train(config)
     >>> sorted(result.metrics)
     ['model_average', 'posterior_mean']
   """
@@ -223,22 +219,34 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
   model = _models.model_for(config, data.num_classes)
   variables = jax.jit(model.init)(jax.random.fold_in(key, 0), data.train.x[:1])
   params, batch_stats = variables["params"], variables.get("batch_stats")
-  opt_state = tx.init(params)
-  loss = _models.loss_fn(model, config.batch_norm)
+  state = _flax.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
   data_key, step_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
   # Data parallel: one mesh over the devices of every process; the state is replicated, and every process computes
   # the same epoch of batches (same key) and places only its devices' rows (shard_global_batch).
   mesh = _distributed.data_mesh(AXIS) if config.data_parallel else None
+  m = parts_per_device(config, spec, 1 if mesh is None else mesh.shape[AXIS])
   if mesh is not None:
-    params, opt_state, batch_stats, step_key = _distributed.replicate((params, opt_state, batch_stats, step_key), mesh)
-    parts = step_options(config, mesh, spec.m_sharpness).get("m", 1)  # per device, for the divisibility check
-  step = spec.make_step(loss, tx, config, has_aux=config.batch_norm, thread_aux=config.batch_norm, mesh=mesh)
-  run_epoch = _make_run_epoch(step, config.batch_norm)
+    state, step_key = _distributed.replicate((state, step_key), mesh)
+  # split="unroll": the m parts as m copies of the graph; ~0.55x vmap's step time for the CNN on CPU.
+  step = _flax.make_train_step(
+    _models.cross_entropy,
+    operator.attrgetter("x"),
+    m=m,
+    axis_name=None if mesh is None else AXIS,
+    mesh=mesh,
+    apply_kwargs={"train": True},
+    split="unroll",
+    rule=spec.rule(config),
+  )
+  run_epoch = _make_run_epoch(step)
   validation_accuracy = jax.jit(lambda p, bs, x, y: jnp.mean(jnp.argmax(_models.apply_fn(model, bs)(p, x), -1) == y))
 
   history: list[dict[str, float]] = []
   if checkpoints is not None:
-    (params, opt_state, batch_stats), history = checkpoints.restore((params, opt_state, batch_stats))
+    (params, opt_state, batch_stats), history = checkpoints.restore((state.params, state.opt_state, state.batch_stats))
+    state = state.replace(
+      step=len(history) * steps_per_epoch, params=params, opt_state=opt_state, batch_stats=batch_stats
+    )
   epochs = range(len(history), config.epochs)
   bar = None
   if config.progress and primary:
@@ -259,17 +267,15 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
         batches = _data.epoch_batches(jax.random.fold_in(data_key, epoch), data.train, config.batch_size)
         if mesh is not None:
           batches = jax.tree.map(np.asarray, batches)
-          batches = _distributed.shard_global_batch(batches, mesh, AXIS, m=parts, batch_axis=1)
-        params, opt_state, batch_stats, epoch_loss, losses, finite = run_epoch(
-          params, opt_state, batch_stats, batches, step_key, epoch * steps_per_epoch
-        )
+          batches = _distributed.shard_global_batch(batches, mesh, AXIS, m=m, batch_axis=1)
+        state, epoch_loss, losses, finite = run_epoch(state, batches, step_key, epoch * steps_per_epoch)
         losses = np.asarray(_distributed.to_host(losses))
         if not (np.all(np.isfinite(losses)) and bool(_distributed.to_host(finite))):
           raise _divergence(config, checkpoints, epoch, steps_per_epoch, losses, finite)
-        val_acc = float(validation_accuracy(params, batch_stats, data.validation.x, data.validation.y))
+        val_acc = float(validation_accuracy(state.params, state.batch_stats, data.validation.x, data.validation.y))
         history.append({"epoch": epoch + 1, "loss": float(epoch_loss), "validation_accuracy": val_acc})
         if checkpoints is not None:
-          checkpoints.save((params, opt_state, batch_stats), history)
+          checkpoints.save((state.params, state.opt_state, state.batch_stats), history)
         if bar is not None:
           bar.set_postfix(loss=f"{float(epoch_loss):.3f}", val_acc=f"{val_acc:.3f}")
         signum = stop.requested() if stop.enabled else None
@@ -284,6 +290,7 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
   finally:
     if bar is not None:
       bar.close()
+  params, opt_state, batch_stats = state.params, state.opt_state, state.batch_stats
   if mesh is not None:  # evaluation runs on every process alike, on its own first device
     params, opt_state, batch_stats = jax.device_put(_distributed.to_host((params, opt_state, batch_stats)))
 
