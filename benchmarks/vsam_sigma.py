@@ -30,8 +30,8 @@ import numpy as np
 import optax
 
 import bsam_optax as bo
-from bsam_optax import _data
-from bsam_optax import _models
+from bsam_optax import app
+from bsam_optax.app import models as app_models
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR, WD, BATCH, M = 1e-2, 1e-3, 128, 8
@@ -44,15 +44,15 @@ def _flat(tree):
 def run(variant, data, model, epochs, seeds):
   """Trains ``variant`` for every seed (vmapped); returns per-epoch diagnostics and test accuracy."""
   n_train = data.train.y.shape[0]
-  steps_per_epoch = _data.num_batches(data.train, BATCH)
+  steps_per_epoch = app.num_batches(data.train, BATCH)
   schedule = optax.cosine_decay_schedule(LR, steps_per_epoch * epochs)
 
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch.x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch.y).mean()
 
-  probe = _data.Split(data.train.x[:256], data.train.y[:256])
-  num_params = _models.num_params(model.init(jax.random.key(0), data.train.x[:1])["params"])
+  probe = app.Split(data.train.x[:256], data.train.y[:256])
+  num_params = app_models.num_params(model.init(jax.random.key(0), data.train.x[:1])["params"])
 
   def make(variant):
     kind, max_std = variant
@@ -80,7 +80,7 @@ def run(variant, data, model, epochs, seeds):
       return jnp.stack([jnp.median(std), jnp.max(std), jnp.linalg.norm(_flat(eps)), increase / first_order])
 
     def epoch(carry, e):
-      batches = _data.epoch_batches(jax.random.fold_in(key, 100 + e), data.train, BATCH)
+      batches = app.epoch_batches(jax.random.fold_in(key, 100 + e), data.train, BATCH)
 
       def body(carry, xs):
         i, batch = xs
@@ -103,9 +103,9 @@ def main(argv=None):
   parser.add_argument("--out", default=os.path.join(RESULTS, "vsam_sigma.md"))
   args = parser.parse_args(argv)
   epochs, seeds = (3, [0]) if args.quick else (60, [0, 1, 2])
-  data = _data.load_dataset("mnist1d")
-  model = _models.make_model("mlp", data.num_classes, features=(128, 128))
-  num_params = _models.num_params(model.init(jax.random.key(0), data.train.x[:1])["params"])
+  data = app.load_dataset("mnist1d")
+  model = app.make_model("mlp", data.num_classes, features=(128, 128))
+  num_params = app_models.num_params(model.init(jax.random.key(0), data.train.x[:1])["params"])
   variants = [("vsam", None), ("vsam", 1e-3), ("vsam", 3e-3), ("sam", 1e-3), ("sam", 3e-3)]
   results, start = {}, time.time()
   for variant in variants:
