@@ -11,6 +11,7 @@ import optax
 
 import bsam_optax as bo
 import bsam_optax.metrics as bm
+from bsam_optax import app
 from bsam_optax.flax import TrainState
 from bsam_optax.flax import make_train_step
 
@@ -28,7 +29,7 @@ class CNN(nn.Module):
 
 
 def get_datasets():
-  data = bo.load_dataset("digits")
+  data = app.load_dataset("digits")
   as_dict = lambda split: {"image": np.asarray(split.x)[..., None], "label": np.asarray(split.y)}
   return as_dict(data.train), as_dict(data.test)
 

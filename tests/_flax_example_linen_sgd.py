@@ -12,8 +12,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-import bsam_optax as bo
 import bsam_optax.metrics as bm
+from bsam_optax import app
 
 
 class CNN(nn.Module):
@@ -33,7 +33,7 @@ class TrainState(train_state.TrainState):
 
 
 def get_datasets():
-  data = bo.load_dataset("digits")
+  data = app.load_dataset("digits")
   as_dict = lambda split: {"image": np.asarray(split.x)[..., None], "label": np.asarray(split.y)}
   return as_dict(data.train), as_dict(data.test)
 

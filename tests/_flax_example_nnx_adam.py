@@ -8,8 +8,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-import bsam_optax as bo
 import bsam_optax.metrics as bm
+from bsam_optax import app
 
 
 class CNN(nnx.Module):
@@ -28,7 +28,7 @@ class CNN(nnx.Module):
 
 
 def get_datasets():
-  data = bo.load_dataset("digits")
+  data = app.load_dataset("digits")
   as_dict = lambda split: {"image": np.asarray(split.x)[..., None], "label": np.asarray(split.y)}
   return as_dict(data.train), as_dict(data.test)
 

@@ -10,6 +10,7 @@ from flax import nnx
 
 import bsam_optax as bo
 import bsam_optax.metrics as bm
+from bsam_optax import app
 from bsam_optax.flax import make_nnx_train_step
 from bsam_optax.flax import nnx_predictive
 
@@ -30,7 +31,7 @@ class CNN(nnx.Module):
 
 
 def get_datasets():
-  data = bo.load_dataset("digits")
+  data = app.load_dataset("digits")
   as_dict = lambda split: {"image": np.asarray(split.x)[..., None], "label": np.asarray(split.y)}
   return as_dict(data.train), as_dict(data.test)
 

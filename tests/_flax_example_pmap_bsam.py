@@ -15,6 +15,7 @@ from flax import jax_utils
 
 import bsam_optax as bo
 import bsam_optax.metrics as bm
+from bsam_optax import app
 from bsam_optax.flax import TrainState
 from bsam_optax.flax import make_train_step
 
@@ -32,7 +33,7 @@ class ResNetBlockNet(nn.Module):
 
 
 def get_datasets():
-  data = bo.load_dataset("digits")
+  data = app.load_dataset("digits")
   as_dict = lambda split: {"image": np.asarray(split.x)[..., None], "label": np.asarray(split.y)}
   return as_dict(data.train), as_dict(data.test)
 
