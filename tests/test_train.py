@@ -40,7 +40,11 @@ def bsam_result(tmp_path_factory):
 
 def test_bsam_result_and_files(bsam_result):
   r = bsam_result
-  assert set(r.metrics) == {"posterior_mean", "model_average"}
+  assert set(r.metrics) == {"posterior_mean", "model_average", "model_average_tempered", "temperature_selection"}
+  selection = r.metrics.pop("temperature_selection")
+  assert "0" in selection and all(math.isfinite(v) for v in selection.values())
+  assert r.metrics["model_average_tempered"].pop("temperature") >= 0
+  assert r.posterior_diagnostics["overall"]["damping_fraction"] >= 0
   for values in r.metrics.values():
     assert set(values) == {"accuracy", "nll", "brier", "ece", "auroc", "ood_auroc"}
     assert all(math.isfinite(v) for v in values.values())

@@ -4,6 +4,7 @@ For the test split and the OOD inputs of a :class:`~bsam_optax.app.data.Dataset`
 
   posterior mean   p(y|x, ω)
   model average    1/S Σ_j p(y|x, θ_j), θ_j ~ N(ω, 1/(N s))     (bsam_optax.predictive)
+  ... at T         θ_j ~ N(ω, T/(N s)), T by the validation NLL   (bsam_optax.select_temperature)
   metrics          accuracy, NLL, Brier, ECE, AUROC (misclassification), OOD AUROC   (bsam_optax.metrics)
 """
 
@@ -19,7 +20,7 @@ import bsam_optax as bo
 from bsam_optax import metrics as _metrics
 from bsam_optax.app import data as _data
 
-__all__ = ["evaluate", "leaf_name", "posterior_std_summary"]
+__all__ = ["diagnostics_summary", "evaluate", "leaf_name", "posterior_std_summary"]
 
 
 def evaluate(
@@ -39,7 +40,9 @@ def evaluate(
     params: ω.
     opt_state: a state holding a posterior (used only with ``key``).
     data: the data set; its ``test`` split and ``ood`` inputs are used.
-    key: the key of the posterior samples; ``None`` for the posterior mean only.
+    key: the key of the posterior samples; ``None`` for the posterior mean only. With a key the
+      posterior temperature T is selected on ``data.validation`` by the model average's NLL (the same
+      samples for every T, T = 0 included) and the model average is also evaluated at that T.
     num_samples: S, posterior samples of the model average.
     num_bins: bins of the ECE and the reliability diagram.
 
@@ -47,7 +50,10 @@ def evaluate(
     ``(metrics, bins)``: ``metrics[name]`` has accuracy, nll, brier, ece,
     auroc (misclassification) and ood_auroc as floats; ``bins[name]`` the
     :class:`~bsam_optax.metrics.ReliabilityBins`, for ``name`` in
-    ``"posterior_mean"`` and (with ``key``) ``"model_average"``.
+    ``"posterior_mean"`` and (with ``key``) ``"model_average"`` (T = 1) and
+    ``"model_average_tempered"`` (at the selected T, also its entry
+    ``"temperature"``); with a key ``metrics["temperature_selection"]`` maps
+    each candidate T (as a string) to its validation NLL.
   """
   inputs = jnp.concatenate([data.test.x, data.ood])
   n_test = data.test.x.shape[0]
@@ -57,10 +63,31 @@ def evaluate(
       lambda p, s, x, k: bo.predictive(apply_fn, k, p, s, x, num_samples, chunk_size=math.gcd(num_samples, 8))
     )
     predictions["model_average"] = average(params, opt_state, inputs, key)
+    temperature, table = bo.select_temperature(
+      apply_fn,
+      key,
+      params,
+      opt_state,
+      data.validation.x,
+      data.validation.y,
+      num_samples=num_samples,
+      chunk_size=math.gcd(num_samples, 8),
+    )
+    tempered = jax.jit(
+      lambda p, s, x, k, t: bo.predictive(
+        apply_fn, k, p, s, x, num_samples, chunk_size=math.gcd(num_samples, 8), temperature=t
+      )
+    )
+    predictions["model_average_tempered"] = (
+      predictions["posterior_mean"] if temperature == 0 else tempered(params, opt_state, inputs, key, temperature)
+    )
   metrics, bins = {}, {}
   for name, probs in predictions.items():
     values, bins[name] = _all_metrics(probs[:n_test], data.test.y, probs[n_test:], num_bins)
     metrics[name] = {k: float(v) for k, v in values.items()}
+  if key is not None:
+    metrics["model_average_tempered"]["temperature"] = float(temperature)
+    metrics["temperature_selection"] = {f"{t:g}": float(v) for t, v in table.items()}
   return metrics, bins
 
 
@@ -75,6 +102,16 @@ def _all_metrics(probs_test, labels, probs_ood, num_bins):
 def leaf_name(path) -> str:
   """``"Conv_0/kernel"`` for a key path of a params tree."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def diagnostics_summary(params, opt_state) -> dict[str, dict[str, float]]:
+  """:func:`bsam_optax.posterior_diagnostics` as floats: ``"overall"`` and one entry per leaf (``"Conv_0/kernel"``)."""
+  overall, per_leaf = jax.jit(bo.posterior_diagnostics)(params, opt_state)
+  out = {"overall": {k: float(v) for k, v in overall._asdict().items()}}
+  for path, summary in per_leaf.items():
+    name = "/".join(part.strip("[]'\"") for part in path.split("]") if part)
+    out[name] = {k: float(v) for k, v in summary._asdict().items()}
+  return out
 
 
 def posterior_std_summary(std) -> dict[str, dict[str, float]]:

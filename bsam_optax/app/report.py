@@ -43,6 +43,9 @@ def print_report(result, print_fn: Callable[..., None] = print) -> None:
   else:
     rows = {"posterior mean": result.metrics["posterior_mean"]}
     rows[f"model average (S={c.eval_samples})"] = result.metrics["model_average"]
+    tempered = result.metrics.get("model_average_tempered")
+    if tempered is not None:
+      rows[f"model average at T={tempered['temperature']:g}"] = tempered
   width = max(len(name) for name in rows) + 2
   header_row = "".join(f"{label:>10}" for _, label in _COLUMNS) + f"{'OOD AUROC':>11}"
   print_fn(f"\ntest metrics ({len(data.test.y)} examples; ECE with {c.num_bins} bins; AUROC = misclassification):")
@@ -50,6 +53,15 @@ def print_report(result, print_fn: Callable[..., None] = print) -> None:
   for name, values in rows.items():
     print_fn(f"{name:<{width}}" + "".join(f"{values[k]:>10.4f}" for k, _ in _COLUMNS) + f"{values['ood_auroc']:>11.4f}")
   print_fn(f"OOD set: {data.ood_description}")
+  if "temperature_selection" in result.metrics:
+    table = result.metrics["temperature_selection"]
+    best = result.metrics["model_average_tempered"]["temperature"]
+    print_fn(
+      f"posterior temperature T (samples from N(ω, T/(N s))) chosen by the model average's NLL on the "
+      f"{len(data.validation.y)} validation examples: T = {best:g} (validation NLL "
+      + ", ".join(f"T={t}: {v:.4f}" for t, v in table.items() if t in ("0", "1", f"{best:g}"))
+      + ")"
+    )
   if result.posterior_std is not None:
     summary = result.posterior_std
     size = sum(v["size"] for v in summary.values())
@@ -64,6 +76,26 @@ def print_report(result, print_fn: Callable[..., None] = print) -> None:
       print_fn(
         f"  {name:<{name_width}} {v['size']:>7d}  mean {v['mean']:.4g}  median {v['median']:.4g}"
         f"  min {v['min']:.4g}  max {v['max']:.4g}"
+      )
+  diagnostics = getattr(result, "posterior_diagnostics", None)
+  if diagnostics:
+    overall = diagnostics["overall"]
+    print_fn(
+      f"posterior diagnostics: {overall['damping_fraction']:.1%} of the scales damping-dominated (data term below "
+      f"10% of δ + γ = {c.weight_decay + c.damping:g}); spread (std) of log σ {overall['log_std_spread']:.3g}"
+    )
+    name_width = max(len(name) for name in diagnostics) + 2
+    for name, v in diagnostics.items():
+      if name != "overall":
+        print_fn(
+          f"  {name:<{name_width}} damping-dominated {v['damping_fraction']:7.1%}"
+          f"  log σ spread {v['log_std_spread']:.3g}"
+        )
+    if overall["damping_fraction"] > 0.5:
+      print_fn(
+        "warning: the posterior is set by the damping, not the data (σ ≈ 1/sqrt(N (δ + γ)) on most weights), so "
+        "the samples at T = 1 are isotropic noise; predict at the selected temperature above, and treat the std as "
+        "a function of N and γ, not as learned uncertainty (see benchmarks/results/posterior_scale.md)."
       )
   if result.files:
     print_fn(

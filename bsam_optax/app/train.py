@@ -41,6 +41,7 @@ from bsam_optax.app.checkpoint import EpochCheckpoints
 from bsam_optax.app.config import TrainConfig
 from bsam_optax.app.config import check_config
 from bsam_optax.app.config import load_data
+from bsam_optax.app.evaluate import diagnostics_summary
 from bsam_optax.app.evaluate import evaluate
 from bsam_optax.app.evaluate import posterior_std_summary
 from bsam_optax.app.optimizers import AXIS
@@ -65,6 +66,8 @@ class TrainResult:
   history: list[dict[str, float]]  # per epoch: loss, validation accuracy
   wall_time_s: float
   files: dict[str, str]  # name -> path of what was written
+  # bo.posterior_diagnostics as floats ("overall" and per layer): damping-dominated fraction, log-std spread
+  posterior_diagnostics: dict[str, dict[str, float]] | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -200,7 +203,7 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
     >>> config = TrainConfig(dataset="digits", model="mlp", width=4, epochs=1, m=1, eval_samples=2, progress=False)
     >>> result = train(config)
     >>> sorted(result.metrics)
-    ['model_average', 'posterior_mean']
+    ['model_average', 'model_average_tempered', 'posterior_mean', 'temperature_selection']
   """
   start = time.perf_counter()
   config = check_config(config)
@@ -302,10 +305,12 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
   if not spec.bayesian:  # no posterior: the weights are a point estimate
     metrics = {"point_estimate": metrics["posterior_mean"]}
     bins = {"point_estimate": bins["posterior_mean"]}
-  std_summary, std = None, None
+  std_summary, std, diagnostics = None, None, None
   if spec.bayesian:
     _, std = bo.posterior(params, opt_state)
     std_summary = posterior_std_summary(std)
+    if hasattr(bo.find_posterior_state(opt_state), "damping_dominated"):
+      diagnostics = diagnostics_summary(params, opt_state)
   wall_time = time.perf_counter() - start
 
   files = {}
@@ -320,6 +325,7 @@ def train(config: TrainConfig, *, log: Callable[[str], Any] | None = None) -> Tr
     batch_stats=batch_stats,
     metrics=metrics,
     posterior_std=std_summary,
+    posterior_diagnostics=diagnostics,
     history=history,
     wall_time_s=wall_time,
     files=files,
