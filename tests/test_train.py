@@ -86,7 +86,7 @@ def test_same_seed_same_parameters(bsam_result):
 
 
 # One of each kind of step: one gradient (adam; sgd differs only in tx) and SAM (sam_adam; sam_sgd too).
-@pytest.mark.parametrize("optimizer", ["adam", "sam_adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "sam_adam", "fisher_sam_sgd"])
 def test_every_registered_optimizer_trains(optimizer, tmp_path):
   r = app.train(dataclasses.replace(TINY, optimizer=optimizer, out_dir=str(tmp_path)))
   assert set(r.metrics) == {"point_estimate"}  # no posterior: no model average
@@ -206,3 +206,11 @@ def test_report_counts_the_examples_trained_on(bsam_result, capsys):
   report.print_report(dataclasses.replace(bsam_result, config=config))
   assert f"(N = {len(bsam_result.data.train.y)})" in capsys.readouterr().out
   assert len(bsam_result.data.train.y) == 1259
+
+
+@pytest.mark.parametrize("optimizer", ["mfvi", "vsam"])
+def test_the_variational_family_trains_with_a_posterior(optimizer):
+  r = app.train(dataclasses.replace(TINY, optimizer=optimizer, eval_samples=2))
+  assert {"posterior_mean", "model_average"} <= set(r.metrics)
+  assert all(math.isfinite(v) for v in r.metrics["model_average"].values())
+  assert r.posterior_std is not None

@@ -115,4 +115,25 @@ OPTIMIZERS: dict[str, Optimizer] = {
     bayesian=False,
     defaults={"learning_rate": 3e-2, "weight_decay": 1e-3, "rho": 0.05, "b1": 0.9, "b2": 0.999},
   ),
+  # The seed's variational family (benchmarks/uncertainty.py, MNIST-1D MLP pilots; not grid-selected here).
+  # MFVI and VSAM carry the prior in their KL term (weight_decay = δ, prior precision N δ), as bSAM does.
+  "mfvi": Optimizer(
+    lambda c, lr, n: bo.mfvi(lr, n, weight_decay=c.weight_decay, b1=c.b1, b2=c.b2),
+    lambda c: bo.mfvi_rule(),
+    bayesian=True,
+    defaults={"learning_rate": 3e-3, "weight_decay": 1e-3, "rho": 0.0, "b1": 0.9, "b2": 0.999},
+  ),
+  # VSAM with its σ bounded (max_std): unbounded, σ grows to the prior's and training fails (vsam_sigma.md).
+  "vsam": Optimizer(
+    lambda c, lr, n: bo.vsam(lr, n, weight_decay=c.weight_decay, max_std=3e-3, b1=c.b1, b2=c.b2),
+    lambda c: bo.vsam_rule(),
+    bayesian=True,
+    defaults={"learning_rate": 1e-2, "weight_decay": 1e-3, "rho": 0.0, "b1": 0.9, "b2": 0.999},
+  ),
+  "fisher_sam_sgd": Optimizer(
+    lambda c, lr, n: _with_l2(c, optax.sgd(lr, momentum=c.b1)),
+    lambda c: bo.fisher_sam_rule(rho=c.rho, eta=1.0),
+    bayesian=False,
+    defaults={"learning_rate": 0.1, "weight_decay": 1e-3, "rho": 0.05, "b1": 0.9, "b2": 0.0},
+  ),
 }
