@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import bsam_optax as bo  # noqa: E402
 
-
 SHARDS = (1, 2, 4, 8)
 
 
