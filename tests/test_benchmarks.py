@@ -139,3 +139,26 @@ def test_benchmark_imports_public_names_only(name):
   with open(os.path.join(BENCHMARKS, f"{name}.py"), encoding="utf-8") as f:
     source = f.read()
   assert not re.findall(r"bsam_optax\._\w+|from bsam_optax(?:\.\w+)* import _\w+", source)
+
+
+def test_transformer_quick(tmp_path):
+  out = tmp_path / "transformer.md"
+  result = _load("transformer").main(["--quick", "--out", str(out)])
+  rows = result["rows"]
+  assert set(rows) == {"AdamW", "SAM-AdamW", "bSAM (post. mean)", "bSAM (model avg, S=4)"}
+  for label, row in rows.items():
+    for split in ("val", "test"):
+      m = row[split]
+      values = (m["nll"], m["ppl"], m["bpb"], m["acc"], m["ece"])
+      assert all(math.isfinite(v) for v in values), (label, split, m)
+      # 30 steps: worse than a good model, but better than the uniform 256-way guess (NLL log 256 = 5.55).
+      assert 0 < m["nll"] < math.log(256) and 0 <= m["acc"] <= 1 and 0 <= m["ece"] <= 1, (label, split, m)
+      assert math.isclose(m["ppl"], math.exp(m["nll"]), rel_tol=1e-9)
+  for t in result["timing"].values():
+    assert math.isfinite(t["ms"]) and t["ms"] > 0 and t["ratio"] > 0
+  mixed = result["mixed_precision"]["rows"]
+  assert len(mixed) == 4 and all(math.isfinite(r["val_nll"]) and r["ms"] > 0 for r in mixed.values())
+  assert mixed["bfloat16 params and compute, float32 state"]["state_dtype"] == ["float32"]
+  assert mixed["bfloat16 params and compute, float32 state"]["param_dtype"] == ["bfloat16"]
+  text = out.read_text()
+  assert "## Test set" in text and "## Mixed precision" in text and out.with_suffix(".json").stat().st_size > 0
