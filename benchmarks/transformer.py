@@ -24,8 +24,9 @@ interleaved after warm-up. Two further sections:
   same batch), and whether the outputs keep their shardings; also under
   explicit sharding (``AxisType.Explicit``) and on the ``mesh=`` path.
 - **mixed precision**: bSAM with float32 everywhere, float32 master weights
-  with bfloat16 compute, bfloat16 parameters with float32 optimizer state,
-  and bfloat16 everything: final validation NLL and step time.
+  with bfloat16 compute (the parameters cast inside ``loss_fn``), bfloat16
+  parameters with a float32 optimizer state (``bo.bsam(..., state_dtype=
+  jnp.float32)``), and bfloat16 everything: final validation NLL and step time.
 
 Commands::
 
@@ -253,7 +254,7 @@ def schedule(cfg: Config, peak: float, steps: int):
   return optax.warmup_cosine_decay_schedule(0.0, peak, cfg.warmup, max(steps, cfg.warmup + 1), peak * 0.1)
 
 
-def make_method(name: str, hp: dict, cfg: Config, loss_fn, n_data: int, steps: int):
+def make_method(name: str, hp: dict, cfg: Config, loss_fn, n_data: int, steps: int, state_dtype=None):
   """``(tx, step)`` with ``step(params, state, batch, key) -> (params, state, info)``."""
   if name == "adamw":
     tx = optax.adamw(schedule(cfg, cfg.adamw_lr, steps), weight_decay=cfg.adamw_wd)
@@ -269,6 +270,7 @@ def make_method(name: str, hp: dict, cfg: Config, loss_fn, n_data: int, steps: i
       weight_decay=cfg.bsam_wd,
       damping=cfg.bsam_damping,
       init_scale=cfg.bsam_damping + cfg.bsam_wd,  # s starts where γ + δ holds it
+      state_dtype=state_dtype,
     )
     return tx, bo.bsam_step(loss_fn, tx)
   raise ValueError(f"unknown method {name!r}")
@@ -591,10 +593,10 @@ def mixed_precision(cfg, hp, graphdef, params0, corpus, val, f32_run, log) -> di
     if state_dtype is None and params is params0 and label.startswith("float32 params") and steps == cfg.steps:
       r = f32_run
     else:
-      tx, step = make_method("bsam", hp, cfg, loss, n_train, steps)
-      init = params if state_dtype is None else jax.tree.map(lambda p, d=state_dtype: p.astype(d), params)
+      # state_dtype=float32 under bfloat16 params is bit for bit tx.init on a float32 copy of the params.
+      tx, step = make_method("bsam", hp, cfg, loss, n_train, steps, state_dtype=state_dtype)
       t0 = time.perf_counter()
-      p, s, _ = train(step, params, tx.init(init), cfg, corpus["train"], steps, cfg.seed)
+      p, s, _ = train(step, params, tx.init(params), cfg, corpus["train"], steps, cfg.seed)
       jax.block_until_ready(p)
       r = {"params": p, "state": s, "step": step, "train_s": time.perf_counter() - t0}
     p32 = jax.tree.map(lambda x: x.astype(jnp.float32), r["params"])
