@@ -5,9 +5,8 @@ The model is benchmarks/transformer.py's byte-level language model, shrunk
 tx, m=4))`` on parameters whose attention and MLP kernels are split over
 ``model`` and a batch split over ``data`` must equal the step on one device
 (same key, same batch: params, momentum, scale and both losses within
-1e-6 + 1e-5 |x|), and every output leaf must keep its input's sharding. Under
-explicit axes (``AxisType.Explicit``, ``jax.set_mesh``) the same holds for
-m = 1; m = 4 fails today in the step's split into parts (xfail).
+1e-6 + 1e-5 |x|), and every output leaf must keep its input's sharding. The same
+under explicit axes (``AxisType.Explicit``, ``jax.set_mesh``), m = 1 and m = 4.
 """
 
 import importlib.util
@@ -58,6 +57,5 @@ def test_tensor_parallel_explicit_axes_m1_equals_one_device(explicit):
   _check(explicit["explicit_m1"])  # the model passes out_sharding= to its row-parallel matmuls and the embedding
 
 
-@pytest.mark.xfail(reason="bsam_step's m-split under AxisType.Explicit: vmap over a data-sharded part axis (issue 10)")
 def test_tensor_parallel_explicit_axes_m4_equals_one_device(explicit):
   _check(explicit["explicit"])
