@@ -418,6 +418,24 @@ def _specs(tree):
 
 
 @pytest.mark.parametrize("path", ["jit", "mesh"])
+def test_the_sam_family_keeps_sharded_parameters_sharded_too(path):
+  mesh = jax.make_mesh((4, 2), ("data", "model"), devices=jax.devices()[:8])
+  tx = optax.adam(1e-2)
+  (params, state, batch), (sp, ss, sb) = _sharded_problem(mesh, tx)
+  ref_params, ref_state, _ = bo.sam_step(_tp_loss, tx, rho=0.1, m=4)(params, state, batch, jax.random.key(0))
+  if path == "jit":
+    step = jax.jit(bo.sam_step(_tp_loss, tx, rho=0.1, m=4))
+  else:
+    step = bo.sam_step(_tp_loss, tx, rho=0.1, m=1, axis_name="data", mesh=mesh)
+  with jax.set_mesh(mesh):
+    new_params, new_state, _ = step(sp, ss, sb, jax.random.key(0))
+  chex.assert_trees_all_close(new_params, ref_params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(new_state, ref_state, rtol=1e-5, atol=1e-6)
+  assert _specs(new_params) == _specs(sp)
+  assert _specs(new_state[0].mu) == _specs(new_state[0].nu) == _specs(sp)
+
+
+@pytest.mark.parametrize("path", ["jit", "mesh"])
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
 def test_sharded_parameters_stay_sharded_and_equal_one_device(path, axis_type):
   from jax.sharding import AxisType
