@@ -5,6 +5,7 @@ Figures need matplotlib (the ``examples`` extra); it is imported when a figure i
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -12,15 +13,48 @@ import jax
 import numpy as np
 
 from bsam_optax import metrics as _metrics
+from bsam_optax.app import data as _data
 from bsam_optax.app.evaluate import leaf_name
 
-__all__ = ["header", "posterior_std_figure", "print_report", "reliability_figure", "write_outputs"]
+__all__ = [
+  "header",
+  "init_scale_warning",
+  "posterior_std_figure",
+  "print_report",
+  "reliability_figure",
+  "write_outputs",
+]
 
 _COLUMNS = (("accuracy", "accuracy"), ("nll", "NLL"), ("brier", "Brier"), ("ece", "ECE"), ("auroc", "AUROC"))
 
 
+def init_scale_warning(config, data) -> str | None:
+  """One sentence when bSAM's scale s still remembers its initial value at the end of training, else ``None``.
+
+  ``s ← β2 s + (1 − β2) (...)`` leaves the weight ``β2^T`` on ``s_0 = init_scale`` after ``T`` steps; above
+  one half the initial scale dominates the posterior std ``1/sqrt(N s)`` (β2 = 0.999 needs T ≳ 693 steps,
+  β2 = 0.99 T ≳ 69).
+  """
+  if config.optimizer != "bsam" or not config.b2:
+    return None
+  steps = config.epochs * _data.num_batches(data.train, config.batch_size)
+  remaining = config.b2**steps
+  if remaining <= 0.5:
+    return None
+  needed = math.ceil(math.log(0.5) / math.log(config.b2))
+  return (
+    f"warning: with b2={config.b2:g} and {steps} steps, b2**steps = {remaining:.2f} > 0.5: the initial "
+    f"init_scale={config.init_scale:g} still makes {remaining:.0%} of s at the end, so the posterior std is mostly "
+    f"1/sqrt(N init_scale), not learned; train for at least {needed} steps (more --epochs or a smaller --batch-size) "
+    f"or lower --b2 to {0.5 ** (1 / steps):.3g} or less."
+  )
+
+
 def header(config, data) -> str:
-  """Two lines: the task, its sizes and devices; the optimizer's hyper-parameters (defaults filled in)."""
+  """The task, its sizes and devices; the optimizer's hyper-parameters (defaults filled in); a warning, if any.
+
+  The warning is :func:`init_scale_warning`'s.
+  """
   hyper = ", ".join(f"{k}={getattr(config, k)}" for k in ("learning_rate", "weight_decay", "rho", "b1", "b2"))
   bsam_only = f", damping={config.damping}, init_scale={config.init_scale}" if config.optimizer == "bsam" else ""
   devices = ""
@@ -32,7 +66,7 @@ def header(config, data) -> str:
     f"{config.optimizer} / {config.model} / {config.dataset}: {len(data.train.y)} train, {len(data.validation.y)} "
     f"validation, {len(data.test.y)} test examples; {config.epochs} epochs of batch {config.batch_size}, "
     f"m={config.m}, seed {config.seed}{devices}\n{hyper}{bsam_only}"
-  )
+  ) + (f"\n{warning}" if (warning := init_scale_warning(config, data)) else "")
 
 
 def print_report(result, print_fn: Callable[..., None] = print) -> None:
@@ -62,6 +96,9 @@ def print_report(result, print_fn: Callable[..., None] = print) -> None:
       + ", ".join(f"T={t}: {v:.4f}" for t, v in table.items() if t in ("0", "1", f"{best:g}"))
       + ")"
     )
+  warning = init_scale_warning(c, data)
+  if warning:
+    print_fn(warning)
   if result.posterior_std is not None:
     summary = result.posterior_std
     size = sum(v["size"] for v in summary.values())
