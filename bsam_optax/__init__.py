@@ -42,6 +42,7 @@ from bsam_optax._sam import sam_step
 from bsam_optax._step import PerturbationRule
 from bsam_optax._step import StepInfo
 from bsam_optax._step import StepOptions
+from bsam_optax._step import choose_split
 from bsam_optax._step import make_perturbation_step
 from bsam_optax._step import perturbation_gradients
 from bsam_optax._vsam import VSAMState
@@ -70,6 +71,7 @@ __all__ = [
   "bsam_no_noise_step",
   "bsam_rule",
   "bsam_step",
+  "choose_split",
   "find_bsam_state",
   "find_posterior_state",
   "fisher_sam_perturbed_params",

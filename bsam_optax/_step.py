@@ -15,7 +15,8 @@ then ``tx.update(mean_i gy_i, opt_state, params, **mean_i a_i)``.
 
 The parts are evaluated side by side (``split="vmap"``), one after the other
 (``"scan"``, gradient accumulation) or as ``m`` copies of one part's graph
-(``"unroll"``). Across devices (``axis_name``, under ``jax.pmap`` or
+(``"unroll"``); the default ``split="auto"`` picks one of the first two from the
+problem when the step is traced (:func:`choose_split`). Across devices (``axis_name``, under ``jax.pmap`` or
 ``jax.shard_map``) each device holds ``m`` parts whose index counts across
 devices (``axis_index * m + i``) and the means meet through ``lax.pmean``, so
 D devices with ``m=1`` give the result of ``m=D`` on one device.
@@ -26,6 +27,8 @@ family's in ``_sam.py``.
 
 import dataclasses
 import functools
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -50,9 +53,14 @@ __all__ = [
   "PerturbationRule",
   "StepInfo",
   "StepOptions",
+  "choose_split",
   "make_perturbation_step",
   "perturbation_gradients",
 ]
+
+logger = logging.getLogger("bsam_optax")
+
+SPLITS = ("auto", "vmap", "scan", "unroll")
 
 
 class PerturbationRule(NamedTuple):
@@ -131,7 +139,9 @@ class StepOptions:
   - ``thread_aux``: pass the first pass's ``aux`` to the second pass in place of
     the first loss_arg (mutable state, e.g. BatchNorm statistics, updated by
     both passes in turn). Needs ``has_aux`` and a loss_arg.
-  - ``split``: ``"vmap"`` (parts side by side), ``"scan"`` (one after another:
+  - ``split``: ``"auto"`` (the default: ``"scan"`` or ``"vmap"``, picked from
+    the problem when the step is traced, see :func:`choose_split`),
+    ``"vmap"`` (parts side by side), ``"scan"`` (one after another:
     gradient accumulation with the activations of one part) or
     ``"unroll"`` (``m`` copies of one part's graph in one program: on
     XLA:CPU a small CNN's m=8 step runs 1.5-1.8x faster than with vmap's
@@ -147,7 +157,7 @@ class StepOptions:
   aux_from: Literal["first", "second"] = "second"
   aux_reduce: Literal["mean", "concat"] = "mean"
   thread_aux: bool = False
-  split: Literal["vmap", "scan", "unroll"] = "vmap"
+  split: Literal["auto", "vmap", "scan", "unroll"] = "auto"
   donate: bool = False
 
   def __post_init__(self):
@@ -160,8 +170,8 @@ class StepOptions:
       _check_flag(name, getattr(self, name))
     if self.thread_aux and not self.has_aux:
       raise ValueError("thread_aux=True needs has_aux=True: the first pass's aux becomes the second pass's loss_arg")
-    if self.split not in ("vmap", "scan", "unroll"):
-      raise ValueError(f"split must be 'vmap', 'scan' or 'unroll', got {self.split!r}")
+    if self.split not in SPLITS:
+      raise ValueError(f"split must be 'auto', 'vmap', 'scan' or 'unroll', got {self.split!r}")
     if self.axis_name is not None and not isinstance(self.axis_name, str):
       raise TypeError(f"axis_name must be a str or None, got {self.axis_name!r}")
     if self.mesh is not None:
@@ -356,6 +366,90 @@ def _on_mesh(build, options: StepOptions, with_state: bool):
   return sharded
 
 
+# vmap's extra memory over scan is about one parameter-sized buffer per extra part (the MLP of
+# benchmarks/results/cost.md at m = 8: +13.4 P against +3.9 P); below this many bytes of it the choice
+# does not matter for memory and vmap stays.
+_SMALL_VMAP_BYTES = 4 * 2**20
+
+
+def _has_convolution(jaxpr) -> bool:
+  """Whether a jaxpr, or one nested in it (jit, remat, custom_vjp, scan, cond ...), holds a convolution."""
+  stack = [jaxpr]
+  while stack:
+    item = stack.pop()
+    if isinstance(item, (list, tuple)):
+      stack.extend(item)
+      continue
+    inner = getattr(item, "jaxpr", None)
+    if inner is not None and not hasattr(item, "eqns"):  # a ClosedJaxpr
+      stack.append(inner)
+      continue
+    for eqn in getattr(item, "eqns", ()):
+      if eqn.primitive.name == "conv_general_dilated":
+        return True
+      stack.extend(
+        v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr") or isinstance(v, (list, tuple))
+      )
+  return False
+
+
+def _pick_split(loss_fn, params, parts, loss_args, m: int) -> tuple[str, str]:
+  """``split="auto"``: the split and why, from the problem split into parts (see :func:`choose_split`)."""
+  if m == 1:
+    return "vmap", "m=1: one part, nothing to split"
+  if _parts_axis_spec(parts)[0] is not None:
+    return "vmap", "the parts axis is sharded over a mesh axis (explicit sharding): the parts stay side by side"
+  extra = (m - 1) * sum(math.prod(jnp.shape(x)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+  if extra <= _SMALL_VMAP_BYTES:
+    return "vmap", f"vmap's extra memory, ~(m - 1) P = {extra / 2**20:.2f} MiB, is small"
+  part = jax.tree.map(lambda x: x[0], parts)
+  if _has_convolution(jax.make_jaxpr(loss_fn)(params, part, *loss_args)):
+    return "vmap", "the loss holds a convolution (XLA:CPU runs convolutions ~5x slower inside scan's loop)"
+  return "scan", f"vmap would hold ~(m - 1) P = {extra / 2**20:.1f} MiB more than scan"
+
+
+def choose_split(loss_fn: LossFn, params: Params, batch: Batch, *loss_args, m: int = 1) -> str:
+  """The m-split ``split="auto"`` (the default) picks for this problem: ``"scan"`` or ``"vmap"``.
+
+  The step makes this choice when it is traced, from the shapes and the
+  loss's jaxpr, and logs it (``logging.getLogger("bsam_optax")``, level
+  INFO). The rule, measured on XLA:CPU (``benchmarks/results/cost.md``):
+
+  1. ``m = 1``: nothing to split (``"vmap"``, which then is one part).
+  2. The batch's leading axis sharded over a mesh axis in its type (explicit
+     sharding): ``"vmap"``, the parts stay on the devices that hold them.
+  3. vmap's extra memory, about ``(m - 1) P`` bytes for ``P`` bytes of
+     parameters, at most 4 MiB: ``"vmap"``.
+  4. The loss holds a convolution (``lax.conv_general_dilated``, also inside
+     nested jits or remat): ``"vmap"``; XLA:CPU runs a small CNN's
+     convolutions ~5x slower inside ``scan``'s loop.
+  5. Otherwise ``"scan"``: peak memory within Adam's plus one ``P`` per part
+     (the 545,810-parameter MLP at ``m = 8``: vmap holds ~9 ``P`` more), at
+     the step time and compile time of vmap or less on that MLP.
+
+  Args:
+    loss_fn: the step's ``loss_fn(params, batch, *loss_args)``.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    batch: the batch a step receives (all ``m`` parts).
+    *loss_args: the step's extra loss arguments.
+    m: the number of m-sharpness parts.
+
+  Returns:
+    ``"scan"`` or ``"vmap"``.
+
+  Example:
+    >>> import jax.numpy as jnp, bsam_optax as bo
+    >>> loss_fn = lambda p, b: jnp.mean((b["x"] @ p["w"]) ** 2)
+    >>> batch = {"x": jnp.ones((8, 1000))}
+    >>> bo.choose_split(loss_fn, {"w": jnp.zeros((1000, 1000))}, batch, m=4)
+    'scan'
+    >>> bo.choose_split(loss_fn, {"w": jnp.zeros((1000, 10))}, batch, m=4)
+    'vmap'
+  """
+  check_count("m", m)
+  return _pick_split(loss_fn, params, _split(batch, m), loss_args, m)[0]
+
+
 def perturbation_gradients(loss_fn: LossFn, rule: PerturbationRule, **options):
   """The averaged gradients and update arguments of a rule's step, without the update.
 
@@ -400,7 +494,7 @@ def perturbation_gradients(loss_fn: LossFn, rule: PerturbationRule, **options):
 def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
   _check_loss_fn(loss_fn)
   _check_rule(rule)
-  m, axis_name, has_aux, split = options.m, options.axis_name, options.has_aux, options.split
+  m, axis_name, has_aux = options.m, options.axis_name, options.has_aux
   concat = options.aux_reduce == "concat"
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
@@ -434,6 +528,10 @@ def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
     offset = _part_offset(axis_name, m)
     parts = _split(batch, m)
     part_at = lambda i: jax.tree.map(lambda x: x[i], parts)  # noqa: E731
+    split = options.split
+    if split == "auto":
+      split, reason = _pick_split(loss_fn, params, parts, loss_args, m)
+      logger.info("split='auto' picked split=%r for m=%d: %s", split, m, reason)
     if m > 1 and split != "vmap" and _parts_axis_spec(parts)[0] is not None:
       raise ValueError(
         f"split={split!r} takes the parts one at a time, but the batch is sharded over mesh axis "

@@ -472,3 +472,107 @@ def test_split_one_part_at_a_time_under_explicit_sharding_is_a_clear_error():
   _, (sp, ss, sb) = _sharded_problem(mesh, tx)
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="split='scan' takes the parts one at a time"):
     jax.jit(bo.bsam_step(_tp_loss, tx, m=4, split="scan"))(sp, ss, sb, jax.random.key(0))
+
+
+# --- split="auto": the step picks the split from the problem ------------------------------------------------
+
+
+def _mlp_loss(params, batch):
+  h = batch["x"]
+  for w, b in params[:-1]:
+    h = jax.nn.relu(h @ w + b)
+  w, b = params[-1]
+  return optax.softmax_cross_entropy_with_integer_labels(h @ w + b, batch["y"]).mean()
+
+
+def _mlp_problem(widths=(256, 512, 256, 10), batch_size=64):
+  keys = jax.random.split(jax.random.key(5), len(widths))
+  params = [
+    (jax.random.normal(k, (a, b)) / np.sqrt(a), jnp.zeros(b))
+    for k, a, b in zip(keys[:-1], widths[:-1], widths[1:], strict=True)
+  ]
+  batch = {
+    "x": jax.random.normal(keys[-1], (batch_size, widths[0])),
+    "y": jnp.arange(batch_size) % widths[-1],
+  }
+  return params, batch
+
+
+def _conv_loss(params, batch):
+  h = jax.lax.conv_general_dilated(batch["x"], params["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.mean((jnp.mean(jnp.tanh(h), axis=(1, 2, 3)) - batch["y"]) ** 2)
+
+
+def _conv_problem(batch_size=16):
+  k = jax.random.split(jax.random.key(6), 3)
+  params = {"k": jax.random.normal(k[0], (3, 3, 2, 4)) * 0.3}
+  batch = {"x": jax.random.normal(k[1], (batch_size, 6, 6, 2)), "y": jax.random.normal(k[2], (batch_size,))}
+  return params, batch
+
+
+def test_auto_is_the_default_and_picks_scan_for_a_large_mlp_and_vmap_for_convolutions_and_small_problems():
+  assert bo.StepOptions().split == "auto"
+  params, batch = _mlp_problem()
+  assert bo.choose_split(_mlp_loss, params, batch, m=8) == "scan"
+  assert bo.choose_split(_mlp_loss, params, batch, m=1) == "vmap"
+  conv_params, conv_batch = _conv_problem()
+  assert bo.choose_split(_conv_loss, conv_params, conv_batch, m=4) == "vmap"
+  # A convolution inside a nested jit and remat is found too.
+  nested = jax.jit(jax.checkpoint(lambda p, b: _conv_loss(p, b) + 0.0 * _mlp_loss(params, batch)))
+  assert bo.choose_split(nested, conv_params, conv_batch, m=4) == "vmap"
+  small_params, small_batch = _problem()
+  assert bo.choose_split(loss_fn, small_params, small_batch, m=4) == "vmap"
+  # Shapes are enough.
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  assert bo.choose_split(_mlp_loss, shapes, batch, m=8) == "scan"
+
+
+def test_auto_says_what_it_picked(caplog):
+  params, batch = _mlp_problem()
+  tx = _tx()
+  with caplog.at_level("INFO", logger="bsam_optax"):
+    bo.bsam_step(_mlp_loss, tx, m=8).lower(params, tx.init(params), batch, jax.random.key(0))
+  assert "split='auto' picked split='scan' for m=8" in caplog.text
+
+
+@pytest.mark.parametrize("problem", ["mlp", "conv"])
+def test_auto_equals_the_split_it_picks(problem):
+  loss, (params, batch), picked = {
+    "mlp": (_mlp_loss, _mlp_problem(), "scan"),
+    "conv": (_conv_loss, _conv_problem(), "vmap"),
+  }[problem]
+  tx = _tx()
+  state = tx.init(params)
+  key = jax.random.key(4)
+  a = bo.bsam_step(loss, tx, m=8)(params, state, batch, key)
+  b = bo.bsam_step(loss, tx, m=8, split=picked)(params, state, batch, key)
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+  other = "vmap" if picked == "scan" else "scan"
+  c = bo.bsam_step(loss, tx, m=8, split=other)(params, state, batch, key)
+  chex.assert_trees_all_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+def _peak_bytes(compiled):
+  mem = compiled.memory_analysis()
+  return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+
+
+def test_default_step_peak_memory_at_m8_is_within_adam_plus_one_parameter_buffer_per_part():
+  params, batch = _mlp_problem()
+  p_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  adam = optax.adam(1e-3)
+
+  def adam_step(p, s, b):
+    updates, s = adam.update(jax.grad(_mlp_loss)(p, b), s, p)
+    return optax.apply_updates(p, updates), s
+
+  adam_peak = _peak_bytes(jax.jit(adam_step, donate_argnums=(0, 1)).lower(params, adam.init(params), batch).compile())
+  tx = _tx()
+  key = jax.random.key(0)
+  step = bo.bsam_step(_mlp_loss, tx, m=8, donate=True)
+  peak = _peak_bytes(step.lower(params, tx.init(params), batch, key).compile())
+  assert peak <= adam_peak + 8 * p_bytes, (peak - adam_peak) / p_bytes
+  vmap_peak = _peak_bytes(
+    bo.bsam_step(_mlp_loss, tx, m=8, donate=True, split="vmap").lower(params, tx.init(params), batch, key).compile()
+  )
+  assert peak < vmap_peak
