@@ -1,11 +1,13 @@
 """Step time of every method of the library relative to Adam, measured side by side (the README's method table).
 
 The MLP 784-500-300-10 of ``cost.py`` (545,810 parameters), batch 128 of
-random data, float32, m = 1 and 8, default (threefry) keys. Every method is
-one compiled ``step(params, opt_state, batch, key)``; the methods interleave
-over ``--rounds`` rounds of ``--steps`` steps (``cost.py``'s timing), and the
-ratios are medians of per-round ratios to Adam (robust to the load of a
-shared machine drifting between rounds).
+random data, float32, m = 1 and 8, threefry keys and the library's default
+noise generator (``noise="auto"``). Every method is one compiled
+``step(params, opt_state, batch, key)``; the methods interleave over
+``--rounds`` rounds of ``--steps`` steps (``cost.py``'s timing: the process's
+CPU time, all of XLA's threads), and the ratios are medians of per-round
+ratios to Adam (robust to the load of a shared machine drifting between
+rounds). The load average before and after is written beside the table.
 
 Usage::
 
@@ -51,7 +53,7 @@ def run(ms, rounds, steps, log):
     methods = {}
     for name, make in _methods().items():
       step, tx = make(prob.loss_fn, m)
-      methods[name] = cost.step_method(step, prob.params, tx.init(prob.params), prob.batch, cost._keys(None))
+      methods[name] = cost.step_method(step, prob.params, tx.init(prob.params), prob.batch, cost._keys())
     log(f"m={m}: timing {list(methods)}")
     times = cost.time_methods(methods, rounds, steps)
     rows[m] = {
@@ -73,15 +75,18 @@ def main(argv=None):
   args = parser.parse_args(argv)
   ms, rounds = ((1,), 2) if args.quick else (tuple(args.m), args.rounds)
   log = lambda s: print(s, file=sys.stderr, flush=True)
+  load_before = os.getloadavg()[0]
   rows = run(ms, rounds, args.steps, log)
+  load_after = os.getloadavg()[0]
   command = " ".join(["python benchmarks/methods_cost.py", *(argv if argv is not None else sys.argv[1:])])
   lines = [
     "# Step time of every method relative to Adam",
     "",
     f"Command: `{command}` — MLP 784-500-300-10 (545,810 parameters), batch 128, "
-    f"{rounds} rounds x {args.steps} steps per method, interleaved; medians over rounds (ratios: medians of "
-    f"per-round ratios to Adam). Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), "
-    f"{jax.default_backend()}; jax {jax.__version__}, optax {optax.__version__}.",
+    f"{rounds} rounds x {args.steps} steps per method, interleaved; ms = the process's CPU time per step (all "
+    "of XLA's threads), medians over rounds (ratios: medians of per-round ratios to Adam). Machine: "
+    f"{platform.machine()}, {os.cpu_count()} CPU cores (shared; 1-minute load average {load_before:.1f} before, "
+    f"{load_after:.1f} after), {jax.default_backend()}; jax {jax.__version__}, optax {optax.__version__}.",
     "",
     "| method | " + " | ".join(f"m = {m}: ms | m = {m}: / Adam" for m in ms) + " |",
     "|---|" + "---|---|" * len(ms),

@@ -60,12 +60,18 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "sam_sgd": {"learning_rate": [0.1, 0.3, 1.0], "weight_decay": [1e-3, 3e-3], "rho": [0.1, 0.2, 0.3]},
     "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-3, 3e-3], "rho": [0.1, 0.2, 0.3]},
     "bsam": {"learning_rate": [1.0, 2.0, 4.0], "weight_decay": [3e-4, 1e-3], "rho": [0.05, 0.1, 0.2]},
-    # The variational family (issue 13), smaller grids: MFVI around its one-seed pilot's best (lr 3e-3-1e-2);
-    # VSAM at SAM-Adam's lr and δ with the bound on σ (max_std = 10 is no bound: σ stays below σ0 = 0.53);
-    # Fisher-SAM-SGD at SAM-SGD's selected lr and δ, over SAM-SGD's ρ grid (η = 1, Kim et al.).
+    # The variational family (issue 13), 2 x 2 grids (2 for the seed's VSAM) of the learning rate and the
+    # method's main hyper-parameter: MFVI around its one-seed pilot's best (lr 3e-3) x the prior precision δ;
+    # VSAM (Adam inside) at SAM-Adam's and Adam's selected lr x the bound on σ (VSAM is SAM with the Euclidean
+    # radius ρ max_std = sqrt(P) max_std = 0.15, 0.46 here, around SAM-Adam's ρ); the seed's VSAM (σ unbounded)
+    # over the same lr; Fisher-SAM-SGD over SAM-SGD's lr and ρ (η = 1, Kim et al.) at SAM-SGD's selected δ.
     "mfvi": {"learning_rate": [3e-3, 1e-2], "weight_decay": [1e-3, 3e-3]},
-    "vsam": {"learning_rate": [1e-2], "weight_decay": [1e-3], "max_std": [1e-3, 3e-3, 10.0]},
-    "fisher_sam": {"learning_rate": [0.3], "weight_decay": [1e-3], "rho": [0.1, 0.2, 0.3]},
+    "vsam": {"learning_rate": [1e-2, 3e-2], "weight_decay": [1e-3], "max_std": [1e-3, 3e-3]},
+    "vsam_unbounded": {"learning_rate": [1e-2, 3e-2], "weight_decay": [1e-3]},
+    "fisher_sam": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "rho": [0.1, 0.3]},
+    # RandomSAM-SGD (the seed's Alg. 2, ε ~ N(0, σ² I)): σ = ρ/sqrt(P) at SAM-SGD's selected ρ (the seed's Σ = ρ²/P I),
+    # and 5x that.
+    "random_sam": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "sigma": [2e-3, 1e-2]},
   },
   "cnn": {
     "sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-4, 1e-3]},
@@ -73,9 +79,12 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "sam_sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
     "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
     "bsam": {"learning_rate": [0.3, 1.0, 2.0], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
+    # The CNN has P = 3,498 parameters: VSAM's Euclidean radius sqrt(P) max_std = 0.03, 0.09, around SAM-Adam's ρ.
     "mfvi": {"learning_rate": [3e-3, 1e-2], "weight_decay": [1e-4, 1e-3]},
-    "vsam": {"learning_rate": [1e-2], "weight_decay": [1e-3], "max_std": [1e-3, 3e-3, 10.0]},
-    "fisher_sam": {"learning_rate": [0.3], "weight_decay": [1e-3], "rho": [0.02, 0.05, 0.1]},
+    "vsam": {"learning_rate": [1e-2, 3e-2], "weight_decay": [1e-3], "max_std": [5e-4, 1.5e-3]},
+    "vsam_unbounded": {"learning_rate": [1e-2, 3e-2], "weight_decay": [1e-3]},
+    "fisher_sam": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "rho": [0.05, 0.1]},
+    "random_sam": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "sigma": [1e-3, 5e-3]},
   },
 }
 QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
@@ -86,10 +95,12 @@ QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
   "bsam": {"learning_rate": [0.1], "weight_decay": [1e-4], "rho": [0.01]},
   "mfvi": {"learning_rate": [3e-3], "weight_decay": [1e-3]},
   "vsam": {"learning_rate": [1e-2], "weight_decay": [1e-3], "max_std": [3e-3]},
+  "vsam_unbounded": {"learning_rate": [1e-2], "weight_decay": [1e-3]},
   "fisher_sam": {"learning_rate": [0.1], "weight_decay": [1e-4], "rho": [0.05]},
+  "random_sam": {"learning_rate": [0.1], "weight_decay": [1e-4], "sigma": [1e-3]},
 }
 # The methods of a run without --methods (and of the CI's --quick); the variational family's rows come from
-# `--models mlp --methods mfvi vsam fisher_sam` (results/uncertainty_variational.md).
+# `--methods mfvi vsam vsam_unbounded fisher_sam random_sam` (results/uncertainty_variational.md).
 DEFAULT_METHODS = ("sgd", "adam", "sam_sgd", "sam_adam", "bsam")
 # Hyper-parameters that are not searched (overridable per run).
 FIXED: dict[str, float] = {
@@ -115,9 +126,10 @@ LABELS = {
   "asam": "ASAM-SGD",
   "mfvi": "MFVI",
   "vsam": "VSAM",
+  "vsam_unbounded": "VSAM, σ unbounded (the seed's)",
   "fisher_sam": "Fisher-SAM-SGD",
 }
-BAYESIAN = ("bsam", "bsam_no_noise", "mfvi", "vsam")
+BAYESIAN = ("bsam", "bsam_no_noise", "mfvi", "vsam", "vsam_unbounded")
 METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence", "acc_at_90")
 # Post-hoc calibration on the validation split. Logit temperature scaling (Guo et al., 2017) of a point estimate:
 # softmax(logits / τ) with τ from this grid by validation NLL. The posterior temperature of bSAM's model average:
@@ -193,10 +205,9 @@ def build_method(
       schedule, n_data=n_train, weight_decay=hp["weight_decay"], init_std=hp["init_std"], b1=hp["b1"], b2=hp["b2"]
     )
     return tx, bo.mfvi_step(loss_fn, tx, m=m)  # m Monte-Carlo samples per step, one per part
-  if method == "vsam":
-    tx = bo.vsam(
-      schedule, n_data=n_train, weight_decay=hp["weight_decay"], max_std=hp["max_std"], b1=hp["b1"], b2=hp["b2"]
-    )
+  if method in ("vsam", "vsam_unbounded"):
+    max_std = hp["max_std"] if method == "vsam" else None  # None: σ grows freely (the seed's Alg. 3)
+    tx = bo.vsam(schedule, n_data=n_train, weight_decay=hp["weight_decay"], max_std=max_std, b1=hp["b1"], b2=hp["b2"])
     return tx, bo.vsam_step(loss_fn, tx, m=m)
   if method in BAYESIAN:
     tx = bo.bsam(
@@ -500,6 +511,12 @@ def parse_args(argv):
   parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/uncertainty[_quick].md)")
   parser.add_argument("--from-grid", default=None, help="re-render the tables from a saved *_grid.json, no training")
   parser.add_argument(
+    "--beside",
+    default=None,
+    help="a saved *_grid.json (e.g. benchmarks/results/uncertainty_grid.json) whose methods are rendered first in "
+    "every table, selected by the same rule: the new rows beside the existing ones",
+  )
+  parser.add_argument(
     "--selected",
     nargs="?",
     const=os.path.join(RESULTS, "uncertainty.json"),
@@ -565,6 +582,15 @@ def render(results, info, argv_str):
   for model, grids in info["grids"].items():
     lines += [f"{model.upper()} ({'40-128-128-10' if model == 'mlp' else '3 x conv(16, k=5, stride 2)'}):", ""]
     lines += [grid_str(grids), ""]
+  if info.get("beside"):
+    beside = info["beside"]
+    lines += [
+      f"Beside them, {', '.join(LABELS[k] for k in beside['methods'])}: their rows are re-selected by the same rule "
+      f"from the saved grid `{beside['path']}` (`{beside['command']}`: {beside['epochs']} epochs, {beside['seeds']} "
+      "seeds, the same data, protocol and metrics; its grids are listed in its own report). Tables rendered with "
+      f"`python benchmarks/uncertainty.py {info['render_argv']}`.",
+      "",
+    ]
   summary = {"_bsam_fixed": info["bsam_fixed"]}
   for by, description in SELECTIONS.items():
     title = f"## Selected by validation {by.replace('nll', 'NLL')}"
@@ -668,6 +694,30 @@ def main(argv=None):
     with open(stem + "_grid.json", "w") as f:
       saved = {m: {k: {"configs": c, "metrics": _to_lists(v)} for k, (c, v) in r.items()} for m, r in results.items()}
       json.dump({"argv": argv_str, "info": info, "results": saved}, f)
+  if args.beside:
+    with open(args.beside) as f:
+      other = json.load(f)
+    methods = []
+    for model in results:
+      per = {
+        method: (r["configs"], jax.tree.map(np.asarray, r["metrics"]))
+        for method, r in other["results"].get(model, {}).items()
+        if method not in results[model]
+      }
+      methods += [m for m in per if m not in methods]
+      results[model] = {**per, **results[model]}
+    command = "python benchmarks/uncertainty.py " + other["argv"]
+    info = {
+      **info,
+      "beside": {
+        "path": os.path.relpath(args.beside),
+        "command": command.strip(),
+        "methods": methods,
+        "epochs": other["info"]["epochs"],
+        "seeds": other["info"]["seeds"],
+      },
+      "render_argv": shlex.join(argv),
+    }
   text, summary = render(results, info, argv_str)
   with open(out, "w") as f:
     f.write(text)

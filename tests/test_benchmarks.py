@@ -111,6 +111,46 @@ def test_sensitivity_quick(uncertainty_run, tmp_path):
   assert (tmp_path / "rho_sensitivity.png").stat().st_size > 0
 
 
+@needs_mnist1d
+def test_uncertainty_variational_rows_beside_the_saved_grid(tmp_path):
+  # The seed's VSAM and RandomSAM (the variational rows' new paths), rendered beside the committed full-run grid.
+  out = tmp_path / "variational.md"
+  args = ["--quick", "--methods", "vsam_unbounded", "random_sam", "--seeds", "1", "--epochs", "1", "--out", str(out)]
+  uncertainty = _load("uncertainty")
+  uncertainty.main(args)
+  saved = os.path.join(BENCHMARKS, "results", "uncertainty_grid.json")
+  grid = str(out.with_name("variational_grid.json"))
+  uncertainty.main(["--from-grid", grid, "--beside", saved, "--out", str(out)])
+  text = out.read_text()
+  table = text.split("## Selected by validation accuracy")[1].split("## Selected by validation NLL")[0]
+  rows = {
+    k: v
+    for prefix in ("SGD", "Adam", "SAM", "bSAM", "RandomSAM", "VSAM")
+    for k, v in _table_rows(table, prefix).items()
+  }
+  vsam = ("VSAM, σ unbounded (the seed's) (model avg)", "VSAM, σ unbounded (the seed's) (post. mean)")
+  assert set(rows) == {*UNCERTAINTY_ROWS, "RandomSAM-SGD", *vsam}
+  assert table.index("| bSAM (post. mean) |") < table.index("| RandomSAM-SGD |")  # the existing rows first
+  for label, means in rows.items():
+    _check_metrics(label, *means)
+  assert "uncertainty_grid.json" in text
+
+
+def test_methods_cost_quick(capsys):
+  _load("methods_cost").main(["--quick", "--steps", "1"])
+  text = capsys.readouterr().out
+  rows = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("| ") and cells[0] != "method":
+      rows[cells[0]] = [float(c) for c in cells[1:]]
+  names = {"Adam", "SAM-Adam", "ASAM-Adam", "Fisher-SAM-Adam", "RandomSAM-Adam", "bSAM", "MFVI", "VSAM"}
+  assert set(rows) == names, text
+  assert rows["Adam"][1] == 1.0
+  for name, (ms, ratio) in rows.items():
+    assert math.isfinite(ms) and ms > 0 and math.isfinite(ratio) and ratio > 0, (name, ms, ratio)
+
+
 def test_cost_quick(capsys):
   _load("cost").main(["--quick", "--m", "1"])
   text = capsys.readouterr().out
