@@ -78,12 +78,15 @@ def main(argv=None):
   load_before = os.getloadavg()[0]
   rows = run(ms, rounds, args.steps, log)
   load_after = os.getloadavg()[0]
+  prob = cost.make_problem("mlp")
+  splits = ", ".join(f"m = {m}: {bo.choose_split(prob.loss_fn, prob.params, prob.batch, m=m)}" for m in ms)
   command = " ".join(["python benchmarks/methods_cost.py", *(argv if argv is not None else sys.argv[1:])])
   lines = [
     "# Step time of every method relative to Adam",
     "",
     f"Command: `{command}` — MLP 784-500-300-10 (545,810 parameters), batch 128, "
-    f"{rounds} rounds x {args.steps} steps per method, interleaved; ms = the process's CPU time per step (all "
+    f"split='auto' (the default; {splits}), {rounds} rounds x {args.steps} steps per method, interleaved; "
+    "ms = the process's CPU time per step (all "
     "of XLA's threads), medians over rounds (ratios: medians of per-round ratios to Adam). Machine: "
     f"{platform.machine()}, {os.cpu_count()} CPU cores (shared; 1-minute load average {load_before:.1f} before, "
     f"{load_after:.1f} after), {jax.default_backend()}; jax {jax.__version__}, optax {optax.__version__}.",
