@@ -19,7 +19,8 @@ Methods (one step each: from parameters and state to new parameters and state):
   ``jax.random.normal`` with keys split per leaf and per part, ``jax.vmap``
   over parts, ``jnp.mean`` over parts, the update divided by the *old* scale.
 * ``bsam``: ``bo.bsam_step`` as a user calls it, with ``jax.random.key(seed)``
-  (the library's generator, ``noise="auto"``); ``bsam_hash``: the same with a
+  (the library's generator, ``noise="auto"``, and the split ``split="auto"``
+  picks, as for ``sam_adam``); ``bsam_hash``: the same with a
   ``bo.hash_prng_impl`` key; ``bsam_jax``: ``noise="jax"`` with
   ``jax.random.key(seed)``, i.e. ``jax.random.normal``'s threefry stream (the
   default before the library had its own generator).
@@ -245,9 +246,14 @@ def adam_method(prob: Problem, donate: bool = False) -> Method:
   return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys())
 
 
-def sam_adam_method(prob: Problem, m: int, split: str = "vmap", donate: bool = False) -> Method:
+def _split_option(split: str) -> dict:
+  # "auto" is the default: left implicit, as a user leaves it.
+  return {} if split == "auto" else {"split": split}
+
+
+def sam_adam_method(prob: Problem, m: int, split: str = "auto", donate: bool = False) -> Method:
   tx = optax.adam(LR)
-  step = bo.sam_step(prob.loss_fn, tx, rho=RHO, m=m, split=split, donate=donate)
+  step = bo.sam_step(prob.loss_fn, tx, rho=RHO, m=m, donate=donate, **_split_option(split))
   return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys())
 
 
@@ -289,9 +295,9 @@ def _noise_option(noise: str) -> dict:
   return {} if noise == "auto" else {"noise": noise}
 
 
-def bsam_method(prob: Problem, m: int, keys="threefry", noise="auto", split="vmap", donate=False) -> Method:
+def bsam_method(prob: Problem, m: int, keys="threefry", noise="auto", split="auto", donate=False) -> Method:
   tx = bo.bsam(LR, N_DATA, rho=RHO)
-  step = bo.bsam_step(prob.loss_fn, tx, m=m, split=split, donate=donate, **_noise_option(noise))
+  step = bo.bsam_step(prob.loss_fn, tx, m=m, donate=donate, **_noise_option(noise), **_split_option(split))
   return step_method(step, prob.params, tx.init(prob.params), prob.batch, _keys(keys))
 
 
@@ -347,6 +353,10 @@ def compare(prob: Problem, ms, rounds, steps, runs, log) -> tuple[list[str], lis
   for m in ms:
     tag = f"[{prob.name} m={m}]"
     log(f"{tag} compiling")
+    notes.append(
+      f"- {prob.name}, m={m}: the default `split='auto'` picks "
+      f"`{bo.choose_split(prob.loss_fn, prob.params, prob.batch, m=m)}` (for SAM-Adam and bSAM alike)."
+    )
     methods = {"adam": adam_method(prob), "sam_adam": sam_adam_method(prob, m)}
     if m == 1:
       methods["contrib_sam"] = contrib_sam_method(prob)
@@ -409,6 +419,7 @@ def memory_rows(prob: Problem, ms, quick: bool = False) -> list[str]:
   adam_donated = peak(jax.jit(adam_step, donate_argnums=(0, 1)), adam_state)
   rows = []
   for m in ms:
+    auto = bo.choose_split(prob.loss_fn, prob.params, prob.batch, m=m)
     entries = [
       ("adam", "—", False, tree_bytes(adam_state), peak(jax.jit(adam_step), adam_state)),
       ("adam", "—", True, tree_bytes(adam_state), adam_donated),
@@ -416,17 +427,18 @@ def memory_rows(prob: Problem, ms, quick: bool = False) -> list[str]:
     if not quick:
       for donate in (False, True):
         step = bo.sam_step(prob.loss_fn, adam_tx, rho=RHO, m=m, donate=donate)
-        entries.append(("sam_adam", "vmap", donate, tree_bytes(adam_state), peak(step, adam_state)))
+        entries.append(("sam_adam", f"auto: {auto}", donate, tree_bytes(adam_state), peak(step, adam_state)))
       authors = authors_init(prob.params, key)
       authors_peak = peak_bytes(authors_step_fn(prob.loss_fn, m).lower(authors, prob.batch).compile())
       entries.append(("authors", "vmap", False, tree_bytes(authors.gm) + tree_bytes(authors.s), authors_peak))
-    splits = SPLITS if m > 1 else ("vmap",)
-    for split in splits[:2] if quick else splits:
+    splits = ("auto", *SPLITS) if m > 1 else ("auto",)
+    for split in splits[:3] if quick else splits:
       for noise in ("auto",) if quick else ("auto", "jax"):
         for donate in (True,) if quick else (False, True):
-          step = bo.bsam_step(prob.loss_fn, bsam_tx, m=m, split=split, donate=donate, **_noise_option(noise))
+          step = bo.bsam_step(prob.loss_fn, bsam_tx, m=m, donate=donate, **_noise_option(noise), **_split_option(split))
           name = "bsam" if noise == "auto" else "bsam_jax"
-          entries.append((name, split, donate, tree_bytes(bsam_state), peak(step, bsam_state)))
+          label = f"auto: {auto}" if split == "auto" else split
+          entries.append((name, label, donate, tree_bytes(bsam_state), peak(step, bsam_state)))
     for name, split, donate, state, peak_ in entries:
       rows.append(
         f"| {prob.name} | {m} | {name} | {split} | {'yes' if donate else 'no'} | {mib(state)} | "
@@ -442,7 +454,10 @@ def compile_times(prob: Problem, m: int, repeats: int = 2) -> list[str]:
     "adam": lambda: adam_method(prob),
     "sam_adam": lambda: sam_adam_method(prob, m),
     "authors": lambda: authors_method(prob, m),
-    "bsam_jax (vmap)": lambda: bsam_method(prob, m, noise="jax"),
+    "bsam_jax (default split)": lambda: bsam_method(prob, m, noise="jax"),
+    f"bsam (default: auto = {bo.choose_split(prob.loss_fn, prob.params, prob.batch, m=m)})": lambda: bsam_method(
+      prob, m
+    ),
   }
   for split in SPLITS:
     builders[f"bsam ({split})"] = functools.partial(bsam_method, prob, m, split=split)
@@ -453,7 +468,7 @@ def compile_times(prob: Problem, m: int, repeats: int = 2) -> list[str]:
 
 
 def split_rows(prob: Problem, m: int, rounds: int, steps: int, log) -> list[str]:
-  """The m-split choice for bSAM (default key): step time against SAM-Adam (vmap), peak, compile time."""
+  """The m-split choice for bSAM (default key): time against SAM-Adam with the default split, peak, compile time."""
   log(f"[{prob.name} m={m}] splits")
   adam_peak = peak_bytes(
     jax.jit(
@@ -464,14 +479,13 @@ def split_rows(prob: Problem, m: int, rounds: int, steps: int, log) -> list[str]
     .compile()
   )
   p_bytes = tree_bytes(prob.params)
-  methods = {"sam_adam": sam_adam_method(prob, m)}
+  methods = {}
   for split in SPLITS:
-    methods[f"sam_adam ({split})"] = methods["sam_adam"] if split == "vmap" else sam_adam_method(prob, m, split)
+    methods[f"sam_adam ({split})"] = sam_adam_method(prob, m, split)
     methods[f"bsam ({split})"] = bsam_method(prob, m, split=split)
-  unique = {name: method for name, method in methods.items() if name == "sam_adam" or "(vmap)" not in name}
-  unique["bsam (vmap)"] = methods["bsam (vmap)"]
-  times = time_methods(unique, rounds, steps)
-  times["sam_adam (vmap)"] = times["sam_adam"]
+  times = time_methods(methods, rounds, steps)
+  # The default (split="auto") is the split it picks for this problem.
+  times["sam_adam"] = times[f"sam_adam ({bo.choose_split(prob.loss_fn, prob.params, prob.batch, m=m)})"]
   rows = []
   for split in SPLITS:
     for kind in ("sam_adam", "bsam"):
@@ -715,10 +729,10 @@ def main(argv=None):
       "## The m-split: vmap, scan, unroll",
       "",
       "bSAM with the default key, and SAM-Adam, at each split; one interleaved block. `/ sam_adam` = time / "
-      "SAM-Adam's with `split='vmap'`. Peak vs Adam in P as in the memory table (Adam donated; these steps are "
-      "not donated). Compile: lower + compile of that step, once.",
+      "SAM-Adam's with the default split (`auto`, the split it picks). Peak vs Adam in P as in the memory table "
+      "(Adam donated; these steps are not donated). Compile: lower + compile of that step, once.",
       "",
-      "| model | m | method | split | ms | / sam_adam (vmap) | step peak MiB | vs adam (P) | compile s |",
+      "| model | m | method | split | ms | / sam_adam (default) | step peak MiB | vs adam (P) | compile s |",
       "|---|---|---|---|---|---|---|---|---|",
       *split_table,
       "",

@@ -117,6 +117,15 @@ def test_threefry_known_answers():
 
 
 @pytest.mark.parametrize("kind", ["threefry", "rbg", "unsafe_rbg", "hash", "raw"])
+def test_all_leaves_seeds_at_once_are_each_leafs_fold_in(kind):
+  key = _key(11, kind)
+  seeds = jax.jit(lambda k: _noise._leaf_seeds(k, 40))(key)
+  for j in range(40):
+    expected = _noise._seeds(_noise._key_words(jax.random.fold_in(key, j)))[:3]
+    np.testing.assert_array_equal(seeds[j], expected)
+
+
+@pytest.mark.parametrize("kind", ["threefry", "rbg", "unsafe_rbg", "hash", "raw"])
 def test_auto_is_the_numpy_restatement_for_every_kind_of_key(kind):
   key = _key(3, kind)
   tree = [jnp.zeros((3, 5)), jnp.zeros(7), jnp.zeros((2, 2, 2), jnp.bfloat16)]
