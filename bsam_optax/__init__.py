@@ -8,6 +8,7 @@ from bsam_optax._bsam import bsam_step
 from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params
 from bsam_optax._bsam import perturbed_params
+from bsam_optax._bsam import reparam_cv_hessian
 from bsam_optax._bsam import reparam_hessian
 from bsam_optax._bsam import scale_by_bsam
 from bsam_optax._checkpoint import Checkpoint
@@ -92,6 +93,7 @@ __all__ = [
   "random_perturbed_params",
   "random_sam_rule",
   "random_sam_step",
+  "reparam_cv_hessian",
   "reparam_hessian",
   "restore_checkpoint",
   "sam_perturbed_params",

@@ -31,6 +31,12 @@ correction of IVON (Shen et al., 2024) that keeps ``s`` positive::
   t = ĥ + δ + γ
   s ← β2 s + (1 − β2) t + ½ (1 − β2)² (s − t)² / s
 
+``curvature="reparam_cv"`` subtracts the second gradient, taken on the same
+data, as a control variate: ``ĥ = (g − g_ε) · (θ − ω) · N s``. The minibatch
+gradient at ω, whose variance swamps ``g · z / σ`` on a network, cancels; the
+price is a bias of ``−ρ H² / s`` (``E[g_ε z] = ρ H E[g z] / s``): ĥ estimates
+``H (1 − ρ H / s)``, within a factor ``1 − ρ`` of H once ``s ≈ H + δ``.
+
 Why: at θ = ω + σz the data part of ``g`` is about ``H σ z``, so ``√s · |g|``
 is about ``H |z| / √N``, √N times smaller than the curvature H that the
 posterior's precision should hold (the paper's App. E.3 drops that factor);
@@ -119,7 +125,14 @@ class _ReparamBSAMState(BSAMState):
   __slots__ = ()
 
 
-CURVATURES = ("abs_grad", "reparam")
+class _ReparamCVBSAMState(BSAMState):
+  """:class:`BSAMState` of ``scale_by_bsam(..., curvature="reparam_cv")`` (see :class:`_ReparamBSAMState`)."""
+
+  __slots__ = ()
+
+
+CURVATURES = ("abs_grad", "reparam", "reparam_cv")
+_STATE_TYPES = {"abs_grad": BSAMState, "reparam": _ReparamBSAMState, "reparam_cv": _ReparamCVBSAMState}
 
 
 def _check_curvature(curvature) -> None:
@@ -149,6 +162,38 @@ def reparam_hessian(params: Params, opt_state, noisy_params: Params, noisy_grads
     lambda s, g, theta, w: g * (theta - w) * (state.n_data * s).astype(g.dtype),
     state.scale,
     noisy_grads,
+    noisy_params,
+    params,
+  )
+
+
+def reparam_cv_hessian(
+  params: Params, opt_state, noisy_params: Params, noisy_grads: Updates, perturbed_grads: Updates
+) -> Updates:
+  """The reparameterization estimate with the second gradient as control variate, ``(g − g_ε) · (θ − ω) · N s``.
+
+  ``g`` is the gradient at θ and ``g_ε`` the gradient at ``ω + ρ g / s`` on
+  the same data: the minibatch gradient at ω cancels in ``g − g_ε``, and the
+  estimate's mean is ``diag H (1 − ρ H / s)`` on a quadratic loss (the
+  perturbation follows ``g``, so ``E[g_ε z] ≠ 0``). ``bsam(...,
+  curvature="reparam_cv")`` takes it as ``hessian=``.
+
+  Args:
+    params: ω, the posterior mean.
+    opt_state: the state of a transformation containing one :func:`bsam`.
+    noisy_params: θ, drawn by :func:`noisy_params` from this state.
+    noisy_grads: g, the gradient at θ.
+    perturbed_grads: g_ε, the gradient at :func:`perturbed_params` on the same data.
+
+  Returns:
+    ĥ, shaped like ``params`` (masked leaves: ``g`` unchanged, unused).
+  """
+  state = find_bsam_state(opt_state)
+  return _map_unmasked(
+    lambda s, g, g_eps, theta, w: (g - g_eps) * (theta - w) * (state.n_data * s).astype(g.dtype),
+    state.scale,
+    noisy_grads,
+    perturbed_grads,
     noisy_params,
     params,
   )
@@ -230,15 +275,19 @@ def scale_by_bsam(
       parameter's own dtype. The updates are computed in the promoted dtype
       and returned in the parameters' dtypes.
     curvature: the scale update's data term: ``"abs_grad"`` (Alg. 1,
-      ``√s · |g|``) or ``"reparam"`` (the reparameterization estimate of the
+      ``√s · |g|``), ``"reparam"`` (the reparameterization estimate of the
       diagonal Hessian, IVON's update; a data-shaped posterior, see the
-      module docstring).
+      module docstring) or ``"reparam_cv"`` (the same with the second
+      gradient as control variate, :func:`reparam_cv_hessian`; its update
+      takes ``hessian=``, or ``noisy_grads=g`` with ``noisy_params=θ`` and
+      then uses ``updates`` as ``g_ε``, so chain nothing that changes the
+      gradient before it).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with state :class:`BSAMState`.
   """
   _check_curvature(curvature)
-  state_type = BSAMState if curvature == "abs_grad" else _ReparamBSAMState
+  state_type = _STATE_TYPES[curvature]
   check_positive("n_data", n_data)
   check_nonnegative("rho", rho, schedule=True)
   check_decay("b1", b1)
@@ -279,14 +328,16 @@ def scale_by_bsam(
     del extra_args
     if params is None:
       raise ValueError("bsam needs params (ω) in update(..., params)")
-    if curvature == "reparam":
+    if curvature != "abs_grad":
       if hessian is None and (noisy_grads is None or noisy_params is None):
         raise ValueError(
-          "bsam(curvature='reparam')'s update needs hessian= (the mean over parts of reparam_hessian, as bsam_step "
-          "passes it), or noisy_grads=g with noisy_params=θ (the sample drawn by noisy_params)"
+          f"bsam(curvature={curvature!r})'s update needs hessian= (the mean over parts of each part's estimate, as "
+          "bsam_step passes it), or noisy_grads=g with noisy_params=θ (the sample drawn by noisy_params)"
         )
-      if hessian is None:
+      if hessian is None and curvature == "reparam":
         hessian = reparam_hessian(params, state, noisy_params, noisy_grads)
+      elif hessian is None:
+        hessian = reparam_cv_hessian(params, state, noisy_params, noisy_grads, updates)
     elif noisy_grads is None:
       raise ValueError(
         "bsam's update needs noisy_grads=, the gradient at θ drawn by noisy_params; call "
@@ -302,7 +353,7 @@ def scale_by_bsam(
       params,
       delta,
     )
-    if curvature == "reparam":
+    if curvature != "abs_grad":
 
       def scale_update(s, h, d):
         t = h + d + damping
@@ -382,9 +433,11 @@ def bsam(
     init_scale: initial value of every entry of ``s``.
     weight_decay_mask: the leaves δ applies to; see :func:`scale_by_bsam`.
     state_dtype: the dtype of ``g_m`` and ``s``; see :func:`scale_by_bsam`.
-    curvature: ``"abs_grad"`` (Alg. 1's ``√s · |g|``) or ``"reparam"`` (the
-      reparameterization estimate of the diagonal Hessian with IVON's update;
-      see :func:`scale_by_bsam`). :func:`bsam_step` passes what each needs.
+    curvature: ``"abs_grad"`` (Alg. 1's ``√s · |g|``), ``"reparam"`` (the
+      reparameterization estimate of the diagonal Hessian with IVON's update)
+      or ``"reparam_cv"`` (the same with the second gradient as control
+      variate); see :func:`scale_by_bsam`. :func:`bsam_step` passes what each
+      needs.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -491,16 +544,27 @@ def perturbed_params(params: Params, opt_state, noisy_grads: Updates) -> Params:
 
 
 def _abs_noisy_grads(params, opt_state, x, g) -> dict:
-  if isinstance(find_bsam_state(opt_state), _ReparamBSAMState):
+  state = find_bsam_state(opt_state)
+  if isinstance(state, _ReparamCVBSAMState):
+    return {}
+  if isinstance(state, _ReparamBSAMState):
     return {"hessian": reparam_hessian(params, opt_state, x, g)}
   return {"noisy_grads": jax.tree.map(jnp.abs, g)}
+
+
+def _cv_hessian(params, opt_state, x, g, g_eps) -> dict:
+  if isinstance(find_bsam_state(opt_state), _ReparamCVBSAMState):
+    return {"hessian": reparam_cv_hessian(params, opt_state, x, g, g_eps)}
+  return {}
 
 
 def bsam_rule(*, noise: str = "auto") -> _step.PerturbationRule:
   """bSAM as a :class:`~bsam_optax.PerturbationRule`: θ ~ N(ω, 1/(N s)), then ω + ρ g / s, and ``noisy_grads=|g|``.
 
   With ``bsam(..., curvature="reparam")`` (read from the state's type) the
-  update gets ``hessian=`` :func:`reparam_hessian` instead of ``noisy_grads``.
+  update gets ``hessian=`` :func:`reparam_hessian` instead of ``noisy_grads``;
+  with ``"reparam_cv"``, :func:`reparam_cv_hessian` (from the part's second
+  gradient too).
 
   Args:
     noise: the generator of θ's noise, see :func:`noisy_params`.
@@ -509,6 +573,7 @@ def bsam_rule(*, noise: str = "auto") -> _step.PerturbationRule:
     first_point=lambda key, params, opt_state: noisy_params(key, params, opt_state, noise=noise),
     second_point=perturbed_params,
     update_args=_abs_noisy_grads,
+    second_update_args=_cv_hessian,
   )
 
 
@@ -612,5 +677,7 @@ def bsam_no_noise_step(loss_fn, tx: optax.GradientTransformation, **options):
     Möllenhoff & Khan, `SAM as an Optimal Relaxation of Bayes
     <https://arxiv.org/abs/2210.01620>`_, ICLR 2023, Sec. F.5.
   """
-  rule = _step.PerturbationRule(second_point=perturbed_params, update_args=_abs_noisy_grads)
+  rule = _step.PerturbationRule(
+    second_point=perturbed_params, update_args=_abs_noisy_grads, second_update_args=_cv_hessian
+  )
   return _step.make_perturbation_step(loss_fn, tx, rule, **options)

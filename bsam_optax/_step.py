@@ -10,8 +10,9 @@ loss and an optax transformation into a compiled step. Per m-sharpness part
   y_i  = rule.second_point(params, opt_state, g_i)         # skipped if None
   gy_i = ∇ loss_fn(y_i, part_i)                            # gy_i = g_i if skipped
   a_i  = rule.update_args(params, opt_state, x_i, g_i)     # {} if None
+  b_i  = rule.second_update_args(params, opt_state, x_i, g_i, gy_i)   # {} if None
 
-then ``tx.update(mean_i gy_i, opt_state, params, **mean_i a_i)``.
+then ``tx.update(mean_i gy_i, opt_state, params, **mean_i a_i, **mean_i b_i)``.
 
 The parts are evaluated side by side (``split="vmap"``), one after the other
 (``"scan"``, gradient accumulation) or as ``m`` copies of one part's graph
@@ -78,6 +79,10 @@ class PerturbationRule(NamedTuple):
     arguments of ``tx.update`` computed from the first point and gradient
     (bSAM's ``noisy_grads=|g|``); each value is a pytree, averaged over
     parts and devices. ``None`` for none.
+  - ``second_update_args``: ``(params, opt_state, x, g, gy) -> dict``, more
+    keyword arguments of ``tx.update`` that also need the part's second
+    gradient ``gy`` (bSAM's control-variate curvature ``(g − gy) · (x − ω)``);
+    averaged like ``update_args``, and merged with them. ``None`` for none.
 
   Example (SAM with a fixed radius; the library's own is :func:`bsam_optax.sam_rule`)::
 
@@ -87,6 +92,7 @@ class PerturbationRule(NamedTuple):
   first_point: Callable[[jax.Array, Params, OptState], Params] | None = None
   second_point: Callable[[Params, OptState, Params], Params] | None = None
   update_args: Callable[[Params, OptState, Params, Params], dict] | None = None
+  second_update_args: Callable[[Params, OptState, Params, Params, Params], dict] | None = None
 
 
 _LEGACY_KEYS = {"loss": "loss", "second_loss": "second_loss", "perturbed_loss": "second_loss", "aux": "aux"}
@@ -519,6 +525,8 @@ def _gradients(loss_fn: LossFn, rule: PerturbationRule, options: StepOptions):
       second_args = (aux,) + tuple(loss_args[1:]) if options.thread_aux else loss_args
       second_loss, second_aux, g_second = evaluate(y, part, second_args)
     args = {} if rule.update_args is None else dict(rule.update_args(params, opt_state, x, g))
+    if rule.second_update_args is not None:
+      args.update(rule.second_update_args(params, opt_state, x, g, g_second))
     aux = aux if options.aux_from == "first" else second_aux
     return {"loss": loss, "second_loss": second_loss, "grads": g_second, "args": args}, aux
 
