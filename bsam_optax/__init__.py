@@ -4,6 +4,7 @@ from bsam_optax._bsam import BSAMState
 from bsam_optax._bsam import bsam
 from bsam_optax._bsam import bsam_no_noise_step
 from bsam_optax._bsam import bsam_rule
+from bsam_optax._bsam import CURVATURES
 from bsam_optax._bsam import bsam_step
 from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "BSAMState",
+  "CURVATURES",
   "Checkpoint",
   "MFVIState",
   "PerturbationRule",

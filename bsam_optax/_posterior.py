@@ -302,16 +302,22 @@ def select_temperature(
   temperatures: Sequence[float] | None = None,
   num_samples: int = 32,
   chunk_size: int | None = None,
+  rule: str = "one_se",
 ) -> tuple[float, dict[float, float]]:
   """Picks the posterior temperature T by the model average's NLL on held-out data.
 
   For every candidate T the model average ``p_T(y | x) = 1/S Σ_j
   softmax(apply_fn(ω + √T σ z_j, x))`` is evaluated with the *same* ``z_j``
   (those of :func:`predictive` with ``key``), so the comparison between
-  temperatures is not blurred by sampling noise, and the T with the smallest
-  ``NLL_T = -1/n Σ_i log p_T(y_i | x_i)`` wins (ties: the first in the list).
+  temperatures is not blurred by sampling noise. With ``rule="min"`` the T
+  with the smallest ``NLL_T = -1/n Σ_i log p_T(y_i | x_i)`` wins (ties: the
+  smaller T). With ``rule="one_se"`` (the default; Breiman's one-standard-error
+  rule) the smallest T whose NLL is within one standard error of the best's
+  wins, the error being that of the mean paired difference
+  ``d_i = nll_T(i) − nll_best(i)`` over the n examples: a gain smaller than
+  the held-out set's own noise does not move T away from the posterior mean.
   T = 0, the posterior mean's prediction, is always a candidate: a posterior
-  whose samples hurt the held-out NLL is reported as such, not hidden.
+  whose samples do not help on held-out data is reported as such, not hidden.
 
   Call it after training, with a validation split, then predict with
   ``predictive(..., temperature=T)``. It syncs with the host (it returns
@@ -328,6 +334,7 @@ def select_temperature(
       ``None`` for 0 and the powers of two ``2^-10 ... 2^2``.
     num_samples: S, the samples per temperature.
     chunk_size: how many samples to evaluate at once (as in :func:`predictive`).
+    rule: ``"one_se"`` or ``"min"``, see above.
 
   Returns:
     ``(T, table)``: the selected temperature and ``{T: NLL_T}`` for every candidate.
@@ -347,6 +354,8 @@ def select_temperature(
   """
   _check_num_samples(num_samples)
   chunk_size = _check_chunk_size(chunk_size, num_samples)
+  if rule not in ("one_se", "min"):
+    raise ValueError(f"rule must be 'one_se' or 'min', got {rule!r}")
   labels = _check_inputs_labels(inputs, labels)
   if temperatures is None:
     temperatures = DEFAULT_TEMPERATURES
@@ -367,8 +376,8 @@ def select_temperature(
     raise ValueError(f"labels must be in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
   labels = jnp.asarray(labels)
 
-  def nll(log_probs):
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+  def nll(log_probs):  # per example
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
 
   @jax.jit
   def tempered_nlls(params, opt_state, inputs, temps):
@@ -384,13 +393,22 @@ def select_temperature(
     return jax.lax.map(one, temps)
 
   mean_nll = jax.jit(lambda params, inputs: nll(jax.nn.log_softmax(apply_fn(params, inputs))))(params, inputs)
-  values = [float(mean_nll)]
+  per_example = [np.asarray(mean_nll, np.float64)]
   if len(candidates) > 1:
-    values += [float(v) for v in tempered_nlls(params, opt_state, inputs, jnp.asarray(candidates[1:], jnp.float32))]
-  table = dict(zip(candidates, values, strict=True))
-  finite = [t for t in candidates if math.isfinite(table[t])]
-  best = min(finite, key=lambda t: table[t]) if finite else 0.0
-  return best, table
+    tempered = tempered_nlls(params, opt_state, inputs, jnp.asarray(candidates[1:], jnp.float32))
+    per_example += list(np.asarray(tempered, np.float64))
+  table = {t: float(np.mean(v)) for t, v in zip(candidates, per_example, strict=True)}
+  finite = [i for i, t in enumerate(candidates) if math.isfinite(table[t])]
+  if not finite:
+    return 0.0, table
+  best = min(finite, key=lambda i: (table[candidates[i]], i))
+  if rule == "min":
+    return candidates[best], table
+  for i in finite:  # the smallest T within one standard error of the best
+    d = per_example[i] - per_example[best]
+    if np.mean(d) <= np.std(d) / math.sqrt(d.size):
+      return candidates[i], table
+  return candidates[best], table
 
 
 class PosteriorSummary(NamedTuple):

@@ -193,18 +193,23 @@ def _classification_problem(temperature_star, num_examples=20_000):
   return key, params, state, x, labels
 
 
+@pytest.mark.parametrize("rule", ["one_se", "min"])
 @pytest.mark.parametrize("temperature_star", [0.0, 0.25, 1.0])
-def test_select_temperature_picks_the_temperature_that_generated_the_labels(temperature_star):
+def test_select_temperature_picks_the_temperature_that_generated_the_labels(temperature_star, rule):
   key, params, state, x, labels = _classification_problem(temperature_star)
   temperatures = [0.0, 1 / 16, 0.25, 1.0, 4.0]
-  best, table = bo.select_temperature(_apply, key, params, state, x, labels, temperatures=temperatures, num_samples=16)
+  best, table = bo.select_temperature(
+    _apply, key, params, state, x, labels, temperatures=temperatures, num_samples=16, rule=rule
+  )
   assert best == temperature_star, table
   assert sorted(table) == temperatures
 
 
 def test_select_temperature_table_is_the_nll_of_the_tempered_model_average():
   key, params, state, x, labels = _classification_problem(0.25, num_examples=500)
-  best, table = bo.select_temperature(_apply, key, params, state, x, labels, temperatures=[0.5, 2.0], num_samples=8)
+  best, table = bo.select_temperature(
+    _apply, key, params, state, x, labels, temperatures=[0.5, 2.0], num_samples=8, rule="min"
+  )
   assert sorted(table) == [0.0, 0.5, 2.0]  # 0 is always a candidate
   assert best == min(table, key=table.get)
   labels = np.asarray(labels)
@@ -222,6 +227,36 @@ def test_select_temperature_table_is_the_nll_of_the_tempered_model_average():
   np.testing.assert_allclose([chunked[t] for t in table], [table[t] for t in table], rtol=1e-5)
   default = bo.select_temperature(_apply, key, params, state, x, labels, num_samples=2)[1]
   assert 0.0 in default and 1.0 in default and len(default) >= 10
+
+
+def test_select_temperature_one_se_is_the_smallest_t_within_one_standard_error_of_the_best():
+  """Breiman's rule restated in NumPy on per-example NLLs: small sets keep T near 0 unless the gain is real."""
+  temperatures = [0.0, 1 / 64, 1 / 16, 0.25, 1.0]
+  picks = []
+  for n, t_star in [(60, 0.25), (200, 0.25), (60, 1.0), (2000, 0.25)]:
+    key, params, state, x, labels = _classification_problem(t_star, num_examples=n)
+    labels = np.asarray(labels)
+    per_example = {}
+    for t in temperatures:
+      probs = (
+        jax.nn.softmax(_apply(params, x)) if t == 0 else bo.predictive(_apply, key, params, state, x, 8, temperature=t)
+      )
+      per_example[t] = -np.log(np.asarray(probs, np.float64)[np.arange(n), labels])
+    best = min(temperatures, key=lambda t: per_example[t].mean())
+    d = {t: per_example[t] - per_example[best] for t in temperatures}
+    expected = next(t for t in temperatures if d[t].mean() <= d[t].std() / np.sqrt(n))
+    got, table = bo.select_temperature(_apply, key, params, state, x, labels, temperatures=temperatures, num_samples=8)
+    assert got == expected, (n, t_star, table)
+    assert (
+      got
+      <= bo.select_temperature(
+        _apply, key, params, state, x, labels, temperatures=temperatures, num_samples=8, rule="min"
+      )[0]
+    )
+    picks.append(got)
+  assert len(set(picks)) > 1, picks  # the rule is not a constant
+  with pytest.raises(ValueError, match="rule"):
+    bo.select_temperature(_apply, key, params, state, x, labels, rule="best")
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+import bsam_optax as bo
 from bsam_optax.app import data as _data
 from bsam_optax.app import models as _models
 from bsam_optax.app.optimizers import OPTIMIZERS
@@ -94,6 +95,13 @@ class TrainConfig:
   )
   damping: float = option(0.1, "γ (bSAM)", group=_OPT, check="nonnegative")
   init_scale: float = option(1.0, "initial s (bSAM)", group=_OPT, check="positive")
+  curvature: str = option(
+    "abs_grad",
+    "bSAM's scale update: Alg. 1's |g| or a Hessian estimate",
+    group=_OPT,
+    check="choice",
+    choices=bo.CURVATURES,
+  )
   b1: float | None = option(None, "β1, momentum (default: per optimizer)", group=_OPT, check="unit")
   b2: float | None = option(
     None, "β2, bSAM scale / Adam second-moment decay (default: per optimizer)", group=_OPT, check="unit"

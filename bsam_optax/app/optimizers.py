@@ -62,6 +62,7 @@ def _bsam_tx(config, schedule, n_data):
     weight_decay=config.weight_decay,
     damping=config.damping,
     init_scale=config.init_scale,
+    curvature=config.curvature,
   )
 
 
