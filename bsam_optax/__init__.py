@@ -1,10 +1,10 @@
 """bsam_optax: Bayesian Sharpness-Aware Minimization (bSAM) for JAX and optax."""
 
+from bsam_optax._bsam import CURVATURES
 from bsam_optax._bsam import BSAMState
 from bsam_optax._bsam import bsam
 from bsam_optax._bsam import bsam_no_noise_step
 from bsam_optax._bsam import bsam_rule
-from bsam_optax._bsam import CURVATURES
 from bsam_optax._bsam import bsam_step
 from bsam_optax._bsam import find_bsam_state
 from bsam_optax._bsam import noisy_params

@@ -42,7 +42,8 @@ def evaluate(
     data: the data set; its ``test`` split and ``ood`` inputs are used.
     key: the key of the posterior samples; ``None`` for the posterior mean only. With a key the
       posterior temperature T is selected on ``data.validation`` by the model average's NLL (the same
-      samples for every T, T = 0 included) and the model average is also evaluated at that T.
+      samples for every T, T = 0 included; the smallest T within one standard error of the lowest NLL, see
+      bo.select_temperature) and the model average is also evaluated at that T.
     num_samples: S, posterior samples of the model average.
     num_bins: bins of the ECE and the reliability diagram.
 

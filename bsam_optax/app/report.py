@@ -90,10 +90,12 @@ def print_report(result, print_fn: Callable[..., None] = print) -> None:
   if "temperature_selection" in result.metrics:
     table = result.metrics["temperature_selection"]
     best = result.metrics["model_average_tempered"]["temperature"]
+    lowest = min(table, key=table.get)
     print_fn(
       f"posterior temperature T (samples from N(ω, T/(N s))) chosen by the model average's NLL on the "
-      f"{len(data.validation.y)} validation examples: T = {best:g} (validation NLL "
-      + ", ".join(f"T={t}: {v:.4f}" for t, v in table.items() if t in ("0", "1", f"{best:g}"))
+      f"{len(data.validation.y)} validation examples: T = {best:g}, the smallest T within one standard error of "
+      f"the lowest (validation NLL "
+      + ", ".join(f"T={t}: {v:.4f}" for t, v in table.items() if t in ("0", "1", f"{best:g}", lowest))
       + ")"
     )
   warning = init_scale_warning(c, data)
