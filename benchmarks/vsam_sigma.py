@@ -16,6 +16,7 @@ Usage::
 
   python benchmarks/vsam_sigma.py              # writes benchmarks/results/vsam_sigma.md (~5 min on 2 CPU cores)
   python benchmarks/vsam_sigma.py --quick      # 1 seed, 3 epochs; prints, writes nothing
+  python benchmarks/vsam_sigma.py --model cnn --max-std 1.5e-3 --out benchmarks/results/vsam_sigma_cnn.md  # the CNN
 """
 
 import argparse
@@ -101,12 +102,19 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--out", default=os.path.join(RESULTS, "vsam_sigma.md"))
+  parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="uncertainty.py's MLP or CNN")
+  parser.add_argument("--max-std", type=float, nargs="+", default=[1e-3, 3e-3], help="the bounds on σ to compare")
   args = parser.parse_args(argv)
   epochs, seeds = (3, [0]) if args.quick else (60, [0, 1, 2])
   data = app.load_dataset("mnist1d")
-  model = app.make_model("mlp", data.num_classes, features=(128, 128))
+  if args.model == "mlp":
+    model = app.make_model("mlp", data.num_classes, features=(128, 128))
+    description = "MLP 40-128-128-10"
+  else:
+    model = app.make_model("cnn", data.num_classes, channels=(16, 16, 16))
+    description = "CNN 3 x conv(16, k=5, stride 2)"
   num_params = app_models.num_params(model.init(jax.random.key(0), data.train.x[:1])["params"])
-  variants = [("vsam", None), ("vsam", 1e-3), ("vsam", 3e-3), ("sam", 1e-3), ("sam", 3e-3)]
+  variants = [("vsam", None), *[("vsam", b) for b in args.max_std], *[("sam", b) for b in args.max_std]]
   results, start = {}, time.time()
   for variant in variants:
     t = time.time()
@@ -117,7 +125,8 @@ def main(argv=None):
   lines = [
     "# VariationalSAM: does Σ grow until the Taylor approximation fails?",
     "",
-    f"Command: `python benchmarks/vsam_sigma.py` ({time.time() - start:.0f} s). MNIST-1D, MLP 40-128-128-10 "
+    f"Command: `python benchmarks/vsam_sigma.py{''.join(' ' + a for a in (argv or sys.argv[1:]))}` "
+    f"({time.time() - start:.0f} s). MNIST-1D, {description} "
     f"(P = {num_params:,}), {epochs} epochs, batch {BATCH}, m = {M}, Adam learning rate {LR} (cosine to 0), "
     f"δ = {WD} (prior std σ0 = 1/sqrt(N δ) = {sigma0:.3f}), {len(seeds)} seeds (mean ± std). VSAM: the seed's "
     f"defaults, ρ = sqrt(P) = {math.sqrt(num_params):.0f}, σ₀ = 0.05 / sqrt(P). "
