@@ -96,8 +96,9 @@ class TrainConfig:
   damping: float = option(0.1, "γ (bSAM)", group=_OPT, check="nonnegative")
   init_scale: float = option(1.0, "initial s (bSAM)", group=_OPT, check="positive")
   curvature: str = option(
-    "abs_grad",
-    "bSAM's scale update: Alg. 1's |g| or a Hessian estimate",
+    "reparam_cv",
+    "bSAM's scale update: abs_grad (Alg. 1's √s|g|), or reparam / reparam_cv (Hessian estimates; reparam_cv with "
+    "the second gradient as control variate, see benchmarks/results/posterior_scale.md)",
     group=_OPT,
     check="choice",
     choices=bo.CURVATURES,
