@@ -352,24 +352,32 @@ def test_state_dtype_keeps_float32_state_under_bfloat16_params():
 # curvature="reparam": the reparameterization estimate of the diagonal Hessian with IVON's scale update.
 
 
-def test_reparam_scale_update_matches_independent_restatement():
+@pytest.mark.parametrize("curvature", ["reparam", "reparam_cv"])
+def test_reparam_scale_update_matches_independent_restatement(curvature):
+  """ĥ = g (θ − ω) N s, or (g − g_ε)(θ − ω) N s, from the stages or as hessian=, and IVON's scale update."""
   params = _params()
-  tx = bo.bsam(0.05, n_data=50, curvature="reparam", **HYPER)
+  tx = bo.bsam(0.05, n_data=50, curvature=curvature, **HYPER)
   state = tx.init(params)
   key = jax.random.key(3)
+  grad = lambda t: jax.tree.map(lambda v: jnp.sin(3 * v) - 0.5 * v, t)  # noqa: E731
   for step in range(3):
     old = bo.find_bsam_state(state)
     theta = bo.noisy_params(jax.random.fold_in(key, step), params, state)
-    g = jax.tree.map(lambda t: jnp.sin(3 * t) - 0.5 * t, theta)
-    h = bo.reparam_hessian(params, state, theta, g)
+    g = grad(theta)
+    g_eps = grad(bo.perturbed_params(params, state, g))
+    if curvature == "reparam":
+      h = bo.reparam_hessian(params, state, theta, g)
+    else:
+      h = bo.reparam_cv_hessian(params, state, theta, g, g_eps)
     b2, floor = HYPER["b2"], HYPER["weight_decay"] + HYPER["damping"]
     for k in params:
       s = np.asarray(old.scale[k], np.float64)
-      h_np = np.asarray(g[k], np.float64) * (np.asarray(theta[k]) - np.asarray(params[k])) * 50 * s
-      np.testing.assert_allclose(h[k], h_np, rtol=1e-5, atol=1e-7)
-    # The same update from the sample and its gradient, or from the estimate.
-    via_sample = tx.update(g, state, params, noisy_grads=g, noisy_params=theta)
-    updates, state = tx.update(g, state, params, hessian=h)
+      g_np = np.asarray(g[k], np.float64) - (np.asarray(g_eps[k]) if curvature == "reparam_cv" else 0.0)
+      h_np = g_np * (np.asarray(theta[k]) - np.asarray(params[k])) * 50 * s
+      np.testing.assert_allclose(h[k], h_np, rtol=1e-5, atol=1e-6)
+    # The same update from the sample and its gradients (updates = g_ε), or from the estimate.
+    via_sample = tx.update(g_eps, state, params, noisy_grads=g, noisy_params=theta)
+    updates, state = tx.update(g_eps, state, params, hessian=h)
     chex.assert_trees_all_close(via_sample, (updates, state), rtol=1e-6)
     for k in params:
       s, t = np.asarray(old.scale[k], np.float64), np.asarray(h[k], np.float64) + floor
@@ -379,6 +387,8 @@ def test_reparam_scale_update_matches_independent_restatement():
   h = jax.tree.map(lambda p: jnp.full_like(p, -1e4), params)
   _, state = tx.update(h, state, params, hessian=h)
   assert all(float(jnp.min(s)) > 0 for s in jax.tree.leaves(bo.find_bsam_state(state).scale))
+  with pytest.raises(ValueError, match=curvature):
+    tx.update(params, state, params, noisy_grads=params)
 
 
 def test_reparam_update_without_its_arguments_raises():
@@ -449,39 +459,11 @@ def test_reparam_posterior_std_matches_the_exact_one_on_linear_regression(curvat
     assert np.max(np.asarray(bo.posterior(w, state)[1]) / exact_std) > 2
 
 
-def test_reparam_cv_update_matches_independent_restatement():
-  """ĥ = (g − g_ε)(θ − ω) N s, from the stages (updates = g_ε) or as hessian=, and IVON's scale update."""
+@pytest.mark.parametrize("curvature", ["reparam", "reparam_cv"])
+def test_reparam_parts_are_averaged_estimates(curvature):
+  """m = 2: the update gets the mean of each part's ĥ_i ((g_i or g_i − g_ε,i) (θ_i − ω) N s), not a product of means."""
   params = _params()
-  tx = bo.bsam(0.05, n_data=50, curvature="reparam_cv", **HYPER)
-  state = tx.init(params)
-  key = jax.random.key(5)
-  grad = lambda t: jax.tree.map(lambda v: jnp.sin(3 * v) - 0.5 * v, t)  # noqa: E731
-  for step in range(3):
-    old = bo.find_bsam_state(state)
-    theta = bo.noisy_params(jax.random.fold_in(key, step), params, state)
-    g = grad(theta)
-    g_eps = grad(bo.perturbed_params(params, state, g))
-    h = bo.reparam_cv_hessian(params, state, theta, g, g_eps)
-    b2, floor = HYPER["b2"], HYPER["weight_decay"] + HYPER["damping"]
-    for k in params:
-      s = np.asarray(old.scale[k], np.float64)
-      h_np = (np.asarray(g[k], np.float64) - np.asarray(g_eps[k])) * (np.asarray(theta[k]) - np.asarray(params[k]))
-      np.testing.assert_allclose(h[k], h_np * 50 * s, rtol=1e-5, atol=1e-6)
-    via_sample = tx.update(g_eps, state, params, noisy_grads=g, noisy_params=theta)
-    updates, state = tx.update(g_eps, state, params, hessian=h)
-    chex.assert_trees_all_close(via_sample, (updates, state), rtol=1e-6)
-    for k in params:
-      s, t = np.asarray(old.scale[k], np.float64), np.asarray(h[k], np.float64) + floor
-      expected = b2 * s + (1 - b2) * t + 0.5 * (1 - b2) ** 2 * (s - t) ** 2 / s
-      np.testing.assert_allclose(bo.find_bsam_state(state).scale[k], expected, rtol=1e-5)
-  with pytest.raises(ValueError, match="reparam_cv"):
-    tx.update(params, state, params, noisy_grads=params)
-
-
-def test_reparam_cv_parts_are_averaged_estimates():
-  """m = 2: the update gets the mean of each part's (g_i − g_ε,i)(θ_i − ω) N s."""
-  params = _params()
-  tx = bo.bsam(0.05, n_data=50, curvature="reparam_cv", **HYPER)
+  tx = bo.bsam(0.05, n_data=50, curvature=curvature, **HYPER)
   state = tx.init(params)
   loss_fn = lambda p, b: jnp.mean(b * jnp.sum(jnp.sin(p["w"])) + jnp.sum(p["b"] ** 3))  # noqa: E731
   batch, key = jnp.array([1.0, 3.0]), jax.random.key(4)
@@ -492,27 +474,10 @@ def test_reparam_cv_parts_are_averaged_estimates():
     theta = bo.noisy_params(jax.random.fold_in(key, i), params, state)
     g = jax.grad(loss_fn)(theta, part)
     g_eps.append(jax.grad(loss_fn)(bo.perturbed_params(params, state, g), part))
-    hs.append(bo.reparam_cv_hessian(params, state, theta, g, g_eps[-1]))
-  mean = lambda xs: jax.tree.map(lambda *v: sum(v) / len(v), *xs)  # noqa: E731
-  _, expected = tx.update(mean(g_eps), state, params, hessian=mean(hs))
-  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
-
-
-def test_reparam_parts_are_averaged_estimates():
-  """m = 2: the update gets the mean of each part's ĥ_i = g_i (θ_i − ω) N s, not a product of means."""
-  params = _params()
-  tx = bo.bsam(0.05, n_data=50, curvature="reparam", **HYPER)
-  state = tx.init(params)
-  loss_fn = lambda p, b: jnp.mean(b * jnp.sum(jnp.sin(p["w"])) + jnp.sum(p["b"] ** 3))  # noqa: E731
-  batch, key = jnp.array([1.0, 3.0]), jax.random.key(4)
-  _, got, _ = bo.bsam_step(loss_fn, tx, m=2)(params, state, batch, key)
-  hs, g_eps = [], []
-  for i in range(2):
-    part = batch[i : i + 1]
-    theta = bo.noisy_params(jax.random.fold_in(key, i), params, state)
-    g = jax.grad(loss_fn)(theta, part)
-    hs.append(bo.reparam_hessian(params, state, theta, g))
-    g_eps.append(jax.grad(loss_fn)(bo.perturbed_params(params, state, g), part))
+    if curvature == "reparam":
+      hs.append(bo.reparam_hessian(params, state, theta, g))
+    else:
+      hs.append(bo.reparam_cv_hessian(params, state, theta, g, g_eps[-1]))
   mean = lambda xs: jax.tree.map(lambda *v: sum(v) / len(v), *xs)  # noqa: E731
   _, expected = tx.update(mean(g_eps), state, params, hessian=mean(hs))
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-7)
