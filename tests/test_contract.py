@@ -4,10 +4,9 @@ bsam's update takes the gradient at ω + ε and ``noisy_grads=`` (the gradient
 at θ); where optax's suite feeds one gradient, we feed it as both.
 """
 
-import functools
-import inspect
 import logging
 
+import _optax_contract as contract
 import chex
 import jax
 import jax.numpy as jnp
@@ -19,10 +18,7 @@ import bsam_optax as bo
 KWARGS = dict(learning_rate=1e-2, n_data=1000, rho=0.01)
 
 
-def _parabola(dtype):
-  initial = jnp.array([-1.0, 10.0, 1.0], dtype=dtype)
-  final = jnp.array([1.0, -1.0, 1.0], dtype=dtype)
-  return initial, final, lambda w: jnp.sum(jnp.square(w - final))
+_parabola = contract.parabola
 
 
 def _matrix_parabola(dtype):
@@ -59,24 +55,13 @@ def test_bsam_step_converges(target):
   chex.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
 
 
+def _extra(grads):
+  return {"noisy_grads": grads}  # where optax's suite feeds one gradient, feed it as both
+
+
 @pytest.mark.parametrize("wrap", [False, True])
 def test_accepts_unexpected_extra_args_and_does_not_recompile(wrap):
-  tx = bo.bsam(**KWARGS)
-  if wrap:
-    tx = optax.chain(optax.clip_by_global_norm(1.0), tx)
-  params, _, objective = _parabola(jnp.float32)
-
-  @jax.jit
-  def step(params, state):
-    g = jax.grad(objective)(params)
-    updates, state = tx.update(g, state, params, noisy_grads=g, unexpected_extra_arg=1)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  params, state = step(params, state)
-  before = step._cache_size()
-  params, state = step(params, state)
-  assert step._cache_size() == before
+  contract.accepts_unexpected_extra_args_and_does_not_recompile(bo.bsam, KWARGS, _extra, wrap)
 
 
 def test_no_recompilation_logged(caplog):
@@ -91,16 +76,7 @@ def test_no_recompilation_logged(caplog):
 
 
 def test_inject_hyperparams_matches():
-  params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
-  grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
-  tx = bo.bsam(**KWARGS)
-  injected = optax.inject_hyperparams(bo.bsam)(**KWARGS)
-  updates, state = jax.jit(functools.partial(tx.update, noisy_grads=grads))(grads, jax.jit(tx.init)(params), params)
-  updates_i, state_i = jax.jit(functools.partial(injected.update, noisy_grads=grads))(
-    grads, jax.jit(injected.init)(params), params
-  )
-  chex.assert_trees_all_close(updates_i, updates, rtol=1e-5)
-  chex.assert_trees_all_close(state_i.inner_state, state, rtol=1e-5, atol=1e-5)
+  contract.inject_hyperparams_matches(bo.bsam, KWARGS, _extra)
 
 
 def test_inject_hyperparams_with_a_learning_rate_schedule():
@@ -117,22 +93,16 @@ def test_inject_hyperparams_with_a_learning_rate_schedule():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_preserve_dtype(dtype):
-  params = jnp.array([1.0, 2.0], dtype=dtype)
-  grads = jax.grad(lambda x: jnp.sum(x**2))(params)
-  tx = bo.bsam(**KWARGS)
-  updates, _ = jax.jit(functools.partial(tx.update, noisy_grads=grads))(grads, jax.jit(tx.init)(params), params)
-  assert updates.dtype == params.dtype
+  contract.preserve_dtype(bo.bsam, KWARGS, _extra, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_gradient_accumulation_with_multisteps(dtype):
-  params = jnp.array([1.0, 2.0], dtype=dtype)
-  grads = jax.grad(lambda x: jnp.sum(x**2))(params)
-  tx = optax.MultiSteps(bo.bsam(**KWARGS), every_k_schedule=4)
-  state = jax.jit(tx.init)(params)
-  updates, state = jax.jit(functools.partial(tx.update, noisy_grads=grads))(grads, state, params)
-  chex.assert_trees_all_equal(updates, jnp.zeros_like(grads))
+  contract.multisteps_accumulates(bo.bsam, KWARGS, _extra, dtype)
   # Through bsam_step: after 4 mini-steps the inner bsam has taken exactly one step.
+  params = jnp.array([1.0, 2.0], dtype=dtype)
+  tx = optax.MultiSteps(bo.bsam(**KWARGS), every_k_schedule=4)
+  state = tx.init(params)
   step = bo.bsam_step(lambda w, _: jnp.sum(w**2), tx)
   for i in range(4):
     params, state, _ = step(params, state, jnp.zeros(1), jax.random.key(i))
@@ -141,41 +111,15 @@ def test_gradient_accumulation_with_multisteps(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
 def test_state_shape_dtype_stability_under_cond(dtype):
-  with jax.enable_x64(dtype == jnp.float64):
-    tx = bo.bsam(**KWARGS)
-    initial, _, objective = _parabola(dtype)
-
-    @jax.jit
-    def step(params, state):
-      g = jax.grad(objective)(params)
-      cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
-      updates, state = jax.lax.cond(
-        cond, lambda: tx.update(g, state, params, noisy_grads=g), lambda: (params, state)
-      )  # fmt: skip
-      return optax.apply_updates(params, updates), state
-
-    params, state = initial, tx.init(initial)
-    for _ in range(2):
-      params, new_state = step(params, state)
-      assert params.dtype == dtype
-      cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
-      state = jax.lax.cond(cond, lambda: state, lambda: new_state)  # noqa: B023
+  contract.state_stable_under_cond(bo.bsam, KWARGS, _extra, dtype)
 
 
 def test_learning_rate_annotated_as_schedule_and_schedule_equals_constant():
-  lr = inspect.signature(bo.bsam).parameters["learning_rate"]
-  assert lr.annotation is optax.ScalarOrSchedule
-  params, _, objective = _parabola(jnp.float32)
-  results = []
-  for learning_rate in (optax.constant_schedule(1e-3), 1e-3):
-    tx = bo.bsam(learning_rate, n_data=100)
-    p, s = params, tx.init(params)
-    for _ in range(10):
-      g = jax.grad(objective)(p)
-      u, s = tx.update(g, s, p, noisy_grads=g)
-      p = optax.apply_updates(p, u)
-    results.append(p)
-  chex.assert_trees_all_close(*results)
+  contract.schedule_equals_constant(bo.bsam, KWARGS, _extra)
+
+
+def test_state_follows_params():
+  contract.state_follows_params(bo.bsam, KWARGS)
 
 
 def test_apply_if_finite_skips_a_non_finite_step():

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _step_checks import mlp_loss
+from _step_checks import mlp_problem
 from jax.sharding import Mesh
 
 import bsam_optax as bo
@@ -52,23 +54,7 @@ def _close(got, want, rtol=2e-5, atol=1e-6):
   chex.assert_trees_all_close(_np(got), want, rtol=rtol, atol=atol)
 
 
-# -- a small nonlinear model for the split / device tests --------------------
-
-
-def mlp_loss(params, batch):
-  h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
-  return jnp.mean((h @ params["w2"] - batch["y"][:, None]) ** 2)
-
-
-def _mlp_problem(batch_size=32, seed=0):
-  k = jax.random.split(jax.random.key(seed), 4)
-  params = {
-    "w1": jax.random.normal(k[0], (5, 8)) * 0.5,
-    "b1": jnp.full(8, 0.1, jnp.float32),
-    "w2": jax.random.normal(k[1], (8, 1)) * 0.5,
-  }
-  batch = {"x": jax.random.normal(k[2], (batch_size, 5)), "y": jax.random.normal(k[3], (batch_size,))}
-  return params, batch
+# -- the split / device tests, on _step_checks' small tanh MLP ----------------
 
 
 # The methods as (name, step factory, tx factory); every step has the same signature.
@@ -193,7 +179,7 @@ def test_bsam_no_noise_one_step_by_hand():
 
 
 def test_bsam_no_noise_differs_from_bsam_only_by_the_noise():
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = bo.bsam(0.05, n_data=100, rho=0.05)
   state = tx.init(params)
   key = jax.random.key(0)
@@ -208,7 +194,7 @@ def test_bsam_no_noise_differs_from_bsam_only_by_the_noise():
 
 
 def test_rho_zero_is_the_outer_optimizer():
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = optax.adam(1e-2)
   state = tx.init(params)
   got, _, _ = bo.sam_step(mlp_loss, tx, rho=0.0)(params, state, batch, jax.random.key(0))
@@ -290,7 +276,7 @@ def _manual_parts(method, params, state, batch, key, m, tx):
 @pytest.mark.parametrize("m", [1, 4])
 def test_m_split_matches_parts_written_out(method, m):
   make_step, make_tx = METHODS[method]
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = make_tx()
   state = tx.init(params)
   key = jax.random.key(9)
@@ -304,7 +290,7 @@ def test_m_split_matches_parts_written_out(method, m):
 
 def test_sam_parts_have_their_own_epsilon():
   # m=2 on a batch of two different halves differs from one ε for the whole batch.
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = optax.sgd(0.1)
   one, _, _ = bo.sam_step(mlp_loss, tx, rho=0.5)(params, tx.init(params), batch, jax.random.key(0))
   two, _, _ = bo.sam_step(mlp_loss, tx, rho=0.5, m=2)(params, tx.init(params), batch, jax.random.key(0))
@@ -326,7 +312,7 @@ def _shard(batch, n):
 def test_pmap_equals_m_on_one_device(method):
   assert jax.device_count() >= N_DEVICES, "tests/conftest.py must set XLA_FLAGS before JAX is imported"
   make_step, make_tx = METHODS[method]
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = make_tx()
   state = tx.init(params)
   key = jax.random.key(11)
@@ -347,7 +333,7 @@ def test_shard_map_equals_m_on_one_device(method):
   # Regression: a first point that does not depend on the device (ω) used to get the gradient
   # summed over devices under shard_map (the transpose of the implicit replicated->varying cast).
   make_step, make_tx = METHODS[method]
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = make_tx()
   state = tx.init(params)
   key = jax.random.key(2)
@@ -361,7 +347,7 @@ def test_shard_map_equals_m_on_one_device(method):
 
 
 def test_aux_from_each_pass():
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = optax.sgd(0.1)
   loss = lambda p, b: (mlp_loss(p, b), p["b1"])
   _, _, first = bo.sam_step(loss, tx, rho=0.5, has_aux=True, aux_from="first")(
@@ -374,7 +360,7 @@ def test_aux_from_each_pass():
 
 
 def test_sam_adam_trains_and_compiles_once():
-  params, batch = _mlp_problem(batch_size=64)
+  params, batch = mlp_problem(batch_size=64)
   tx = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-2))
   state = tx.init(params)
   step = bo.sam_step(mlp_loss, tx, rho=0.05, m=2)
@@ -387,7 +373,7 @@ def test_sam_adam_trains_and_compiles_once():
 
 def test_rho_can_be_a_traced_array():
   # A hyper-parameter search can vmap over ρ.
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = optax.sgd(0.1)
   state = tx.init(params)
 
@@ -430,7 +416,7 @@ def test_rho_is_required():
 
 
 def test_bsam_no_noise_needs_bsam_in_tx():
-  params, batch = _mlp_problem()
+  params, batch = mlp_problem()
   tx = optax.adam(0.1)
   with pytest.raises(ValueError, match="BSAMState"):
     bo.bsam_no_noise_step(mlp_loss, tx)(params, tx.init(params), batch, jax.random.key(0))
