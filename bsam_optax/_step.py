@@ -430,8 +430,13 @@ def choose_split(loss_fn: LossFn, params: Params, batch: Batch, *loss_args, m: i
      nested jits or remat): ``"vmap"``; XLA:CPU runs a small CNN's
      convolutions ~5x slower inside ``scan``'s loop.
   5. Otherwise ``"scan"``: peak memory within Adam's plus one ``P`` per part
-     (the 545,810-parameter MLP at ``m = 8``: vmap holds ~9 ``P`` more), at
-     the step time and compile time of vmap or less on that MLP.
+     (the 545,810-parameter MLP at ``m = 8``: +3.9 ``P`` donated, vmap
+     +13.4 ``P``), a step no slower than vmap's and a compile time about
+     vmap's on that MLP.
+
+  The rule is measured on a CPU; on a GPU ``scan`` runs the parts one after
+  another, so a small model that does not fill the device may run faster
+  with ``split="vmap"`` (pass it explicitly).
 
   Args:
     loss_fn: the step's ``loss_fn(params, batch, *loss_args)``.
