@@ -64,6 +64,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,12 +77,16 @@ from jax.sharding import Mesh
 import bsam_optax as bo
 
 __all__ = [
+  "Gradients",
+  "Optimizer",
   "TrainState",
   "make_nnx_train_step",
   "make_train_step",
   "nnx_posterior",
   "nnx_predictive",
   "nnx_sample_posterior",
+  "nnx_value_and_grad",
+  "value_and_grad",
 ]
 
 BNUpdate = Literal["both", "second", "first", "none", "perturbed", "noisy"]
@@ -173,6 +178,29 @@ def _mean_parts(tree, axis_name, mesh):
   return tree
 
 
+class Gradients(NamedTuple):
+  """What :func:`value_and_grad` and :func:`nnx_value_and_grad` return in place of a gradient.
+
+  :meth:`TrainState.apply_gradients` and :meth:`Optimizer.update` take it
+  where Flax passes ``grads`` and call ``tx.update(grads, state, params,
+  **extra_args)``. A pytree, so ``jax.lax.pmean(grads, axis_name)`` (Flax's
+  ImageNet step) works on it. With a plain ``nnx.Optimizer``, call
+  ``optimizer.update(model, g.grads, **g.extra_args)``.
+  """
+
+  grads: Any  # g_ε, the gradient at the second point ω + ε: what moves ω
+  extra_args: dict  # the rule's extra arguments of tx.update, e.g. {"noisy_grads": |g|} for bSAM
+
+
+def _as_key(key) -> jax.Array:
+  """A PRNG key from a key or an int seed (``jax.random.key(seed)``, as ``nnx.Rngs(seed)`` takes)."""
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if _is_key(key) or isinstance(key, jax.core.Tracer):
+    return key
+  raise TypeError(f"key must be a PRNG key (jax.random.key(...)) or an int seed, got {type(key).__name__}")
+
+
 class _Plan:
   """How the user's aux and the BatchNorm statistics travel through the step machinery.
 
@@ -261,7 +289,9 @@ class TrainState(train_state.TrainState):
     """One ``tx`` update: ``params``, ``opt_state`` and ``step`` move on.
 
     Args:
-      grads: the gradient at the perturbed point ω + ε (``g_ε``).
+      grads: the gradient at the perturbed point ω + ε (``g_ε``), or the
+        :class:`Gradients` of :func:`value_and_grad` (its ``extra_args`` then
+        go to ``tx.update`` too).
       noisy_grads: the gradient at the noisy sample θ (``g``), passed to
         ``tx.update(..., noisy_grads=noisy_grads)``; omitted if ``None``.
       extra_args: other keyword arguments for ``tx.update``.
@@ -271,6 +301,9 @@ class TrainState(train_state.TrainState):
       The updated state.
     """
     extra = dict(extra_args or {})
+    if isinstance(grads, Gradients):
+      extra = {**grads.extra_args, **extra}
+      grads = grads.grads
     if noisy_grads is not None:
       extra["noisy_grads"] = noisy_grads
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
@@ -300,7 +333,7 @@ class TrainState(train_state.TrainState):
     num_samples: int = 32,
     *,
     apply_kwargs: dict | None = None,
-    batch_stats: Literal["mean", "recompute"] = "mean",
+    batch_stats: Literal["mean", "recompute"] | None = None,
     bn_inputs=None,
     train_kwargs: dict | None = None,
     **kwargs,
@@ -318,29 +351,47 @@ class TrainState(train_state.TrainState):
         re-estimates them for every θ_j as the average of the batch
         statistics of the training-mode model on ``bn_inputs`` (as SWAG does),
         which keeps the model average calibrated (see the module notes).
-      bn_inputs: with ``"recompute"``, a few training batches of inputs,
-        stacked: shape ``(K, B, ...)``.
+        ``None``: ``"recompute"`` when ``bn_inputs`` is given, else ``"mean"``.
+      bn_inputs: with ``"recompute"``, some training inputs: one batch
+        shaped like ``inputs`` (e.g. ``train_ds["image"][:512]``) or several
+        stacked as ``(K, B, ...)``, whose statistics are averaged.
       train_kwargs: keyword arguments of the training-mode call used to
-        recompute the statistics, e.g. ``{"train": True}``.
+        recompute the statistics; by default ``apply_kwargs`` with
+        ``train=True`` when it has ``train`` (Flax's convention).
       **kwargs: passed to :func:`bsam_optax.predictive` (``chunk_size``,
         ``link``, ``temperature``).
 
     Returns:
       The averaged probabilities (or ``link`` outputs).
     """
+    batch_stats, bn_inputs = _bn_option(batch_stats, bn_inputs, inputs)
     apply = _linen_apply(self.apply_fn, self.batch_stats, batch_stats, bn_inputs, apply_kwargs, train_kwargs)
     return bo.predictive(apply, key, self.params, self.opt_state, inputs, num_samples, **kwargs)
 
 
-def _check_batch_stats_option(batch_stats, bn_inputs) -> None:
+def _bn_option(batch_stats, bn_inputs, inputs):
+  """``(batch_stats, bn_inputs)`` checked: ``None`` is ``"recompute"`` with ``bn_inputs``, else ``"mean"``;
+  ``bn_inputs`` shaped like ``inputs`` (one batch) gets a leading axis of 1."""
+  if batch_stats is None:
+    batch_stats = "mean" if bn_inputs is None else "recompute"
   if batch_stats not in ("mean", "recompute"):
     raise ValueError(f"batch_stats must be 'mean' or 'recompute', got {batch_stats!r}")
-  if batch_stats == "recompute" and bn_inputs is None:
+  if batch_stats == "mean":
+    return batch_stats, None
+  if bn_inputs is None:
     raise ValueError(
-      "batch_stats='recompute' needs bn_inputs=, a few training batches of inputs stacked as (K, B, ...)"
+      "batch_stats='recompute' needs bn_inputs=, some training inputs: one batch (B, ...) or several stacked as "
+      "(K, B, ...)"
     )
-  if batch_stats == "recompute" and jnp.ndim(jax.tree.leaves(bn_inputs)[0]) < 2:
-    raise ValueError("bn_inputs must be training batches stacked as (K, B, ...)")
+  ndim, like = jnp.ndim(jax.tree.leaves(bn_inputs)[0]), jnp.ndim(jax.tree.leaves(inputs)[0])
+  if ndim == like:
+    bn_inputs = jax.tree.map(lambda x: x[None], bn_inputs)
+  elif ndim != like + 1:
+    raise ValueError(
+      f"bn_inputs must be training inputs shaped like inputs ({like} axes) or batches of them stacked as "
+      f"(K, B, ...) ({like + 1} axes), got {ndim} axes"
+    )
+  return batch_stats, bn_inputs
 
 
 def _recomputed(run, like):
@@ -361,8 +412,15 @@ def _average_over_batches(stats_of, bn_inputs):
 
 
 def _linen_apply(apply_fn, running_stats, batch_stats, bn_inputs, apply_kwargs, train_kwargs):
-  _check_batch_stats_option(batch_stats, bn_inputs)
-  apply_kwargs, train_kwargs = dict(apply_kwargs or {}), dict(train_kwargs or {})
+  apply_kwargs = dict(apply_kwargs or {})
+  if train_kwargs is None and batch_stats == "recompute" and running_stats is not None:
+    if "train" not in apply_kwargs:
+      raise ValueError(
+        "batch_stats='recompute' needs train_kwargs=, the keyword arguments of the model's training-mode call "
+        "(e.g. {'train': True}), unless apply_kwargs has 'train'"
+      )
+    train_kwargs = {**apply_kwargs, "train": True}
+  train_kwargs = dict(train_kwargs or {})
 
   def variables(params, stats):
     return {"params": params} if stats is None else {"params": params, "batch_stats": stats}
@@ -540,6 +598,92 @@ def make_train_step(
   return checked_step
 
 
+def value_and_grad(
+  fun: Callable[[Any], Any],
+  key,
+  *,
+  has_aux: bool = False,
+  axis_name: str | None = None,
+  rule: bo.PerturbationRule | None = None,
+):
+  """bSAM's two passes in place of ``jax.value_and_grad(fun, has_aux)(state.params)`` in a linen train step.
+
+  For a Flax train step that builds ``loss_fn(params)`` itself (closing over
+  the batch and ``state.batch_stats``, as Flax's MNIST and ImageNet examples
+  do); only that line changes, and ``state`` must be a :class:`TrainState`
+  (or a subclass) so that ``apply_gradients`` passes the extra arguments on.
+  With ``t = state.step``::
+
+    θ          ~ N(ω, 1/(N s))           # key fold_in(fold_in(key, t), d), d = device index
+    g          = ∇fun(θ)
+    value, g_ε = value_and_grad(fun)(ω + ρ g / s)
+
+  and ``grads = Gradients(g_ε, {"noisy_grads": |g|})``. ``value`` and the
+  aux (e.g. the new ``batch_stats`` and the logits) are those of the second
+  pass, whose gradient moves ω, so BatchNorm statistics follow
+  ``bn_update="second"`` of :func:`make_train_step`. ``fun`` sees the whole
+  (per-device) batch, so this is m = 1 per device; for m-sharpness, Dropout
+  keys per part and the size check of ``n_data``, use
+  :func:`make_train_step`, which takes the loss of the outputs instead.
+
+  Args:
+    fun: ``fun(params) -> loss`` or ``-> (loss, aux)`` with ``has_aux``.
+    key: a PRNG key or an int seed; step ``t`` draws from ``fold_in(key, t)``.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    axis_name: the ``jax.pmap`` axis: each device draws its own noise (the
+      device index folded in, as :func:`bsam_optax.bsam_step` does) and the
+      gradients and losses are averaged over devices (``lax.pmean``).
+    rule: a :class:`~bsam_optax.PerturbationRule`; ``None`` for bSAM's.
+
+  Returns:
+    ``value_and_grad_fn(state) -> (value, grads)`` with ``grads`` a
+    :class:`Gradients` for ``state.apply_gradients(grads=grads)``.
+
+  Example (Flax's linen step, with its ``jax.value_and_grad`` line changed):
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, bsam_optax as bo
+    >>> import bsam_optax.flax as bf
+    >>> model = nn.Dense(2)
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros((8, 2))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> state = bf.TrainState.create(apply_fn=model.apply, params=params, tx=bo.bsam(0.1, n_data=100))
+    >>> @jax.jit
+    ... def train_step(state):
+    ...   def loss_fn(params):
+    ...     return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+    ...   loss, grads = bf.value_and_grad(loss_fn, 0)(state)
+    ...   return state.apply_gradients(grads=grads), loss
+    >>> state, loss = train_step(state)
+    >>> int(state.step)
+    1
+  """
+  if not callable(fun):
+    raise TypeError(f"fun must be callable, got {type(fun).__name__}")
+  key = _as_key(key)
+  if rule is None:
+    rule = bo.bsam_rule()
+  elif not isinstance(rule, bo.PerturbationRule):
+    raise TypeError(f"rule must be a bsam_optax.PerturbationRule, got {type(rule).__name__}")
+  # The batch is inside fun; the machinery gets a one-row placeholder, one part per device.
+  gradients = bo.perturbation_gradients(
+    lambda params, _: fun(params), rule, has_aux=has_aux, aux_reduce="concat", axis_name=axis_name
+  )
+
+  def value_and_grad_fn(state):
+    _state_fields(state)
+    if not hasattr(state, "step"):
+      raise TypeError(f"state must be a TrainState with a step, got {type(state).__name__}")
+    if type(state).apply_gradients is train_state.TrainState.apply_gradients:
+      raise TypeError(
+        f"{type(state).__name__}.apply_gradients is Flax's, which drops the Gradients' noisy_grads; subclass "
+        "bsam_optax.flax.TrainState instead of flax.training.train_state.TrainState"
+      )
+    grads, args, info = gradients(state.params, state.opt_state, jnp.zeros((1,)), jax.random.fold_in(key, state.step))
+    value = (info.second_loss, info.aux) if has_aux else info.second_loss
+    return value, Gradients(grads, args)
+
+  return value_and_grad_fn
+
+
 def _as_variables(like, values):
   """Puts the arrays of the pure state ``values`` into the Variables of ``like``."""
   return jax.tree.map(lambda v, x: v.replace(x), like, values, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -625,37 +769,14 @@ def make_nnx_train_step(
     >>> step(model, optimizer, batch, jax.random.key(0)).aux.shape
     (8, 1)
   """
-  if axis_name is not None and mesh is None:
-    raise ValueError("axis_name= needs mesh=: the NNX step runs on several devices through jax.shard_map over a mesh")
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-  plan = _Plan(bn_update, has_aux, aux_reduce, True)
-  options = dict(plan.options, m=m, axis_name=axis_name, mesh=mesh, split=split)
-  bo.StepOptions(**options)
+  _check_nnx_options(loss_fn, axis_name, mesh)
+  gradients = _nnx_gradients(
+    loss_fn, bo.bsam_rule(), _Plan(bn_update, has_aux, aux_reduce, True), m, axis_name, mesh, split
+  )
 
   def step(model, optimizer: nnx.Optimizer, batch, key: jax.Array):
-    graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)  # type: ignore[misc]
-    params = nnx.as_pure(param_vars)
-    stats = nnx.as_pure(stats)
-    rest = nnx.as_pure(rest)  # RNG streams are reseeded per part; other mutable state is not carried over
-    opt_state = nnx.as_pure(optimizer.opt_state)
-    streams = _stream_names(model)
-
-    def loss(p, wrapped, carry):
-      part, index = wrapped
-      model = nnx.merge(graphdef, p, plan.stats_in(carry), rest)
-      if streams:
-        nnx.reseed(model, **_stream_keys(key, _part_index(index), streams))
-      value = loss_fn(model, part)
-      return plan.loss_out(value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
-
-    gradients = bo.perturbation_gradients(loss, bo.bsam_rule(), **options)
-    grads, args, info = gradients(params, opt_state, _with_index(batch, axis_name, mesh), key, plan.carry(stats))
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
-    optimizer.update(model, _as_variables(param_vars, grads), **args)
-    new_stats, info = plan.results(info, axis_name, mesh)
-    if new_stats is not None:
-      nnx.update(model, new_stats)
+    grads, args, info = gradients(model, optimizer, batch, key)
+    optimizer.update(model, grads, **args)
     return info
 
   compiled = nnx.jit(step) if jit else step
@@ -675,6 +796,144 @@ def make_nnx_train_step(
     return compiled(model, optimizer, batch, key)
 
   return checked_step
+
+
+def _check_nnx_options(loss_fn, axis_name, mesh) -> None:
+  if axis_name is not None and mesh is None:
+    raise ValueError("axis_name= needs mesh=: the NNX step runs on several devices through jax.shard_map over a mesh")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+
+def _nnx_gradients(loss_fn, rule, plan, m, axis_name, mesh, split):
+  """``gradients(model, optimizer, batch, key) -> (grads as Variables, update args, info)``; BatchNorm updated."""
+  options = dict(plan.options, m=m, axis_name=axis_name, mesh=mesh, split=split)
+  bo.StepOptions(**options)
+
+  def gradients(model, optimizer, batch, key):
+    graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)  # type: ignore[misc]
+    params = nnx.as_pure(param_vars)
+    stats = nnx.as_pure(stats)
+    rest = nnx.as_pure(rest)  # RNG streams are reseeded per part; other mutable state is not carried over
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    streams = _stream_names(model)
+
+    def loss(p, wrapped, carry):
+      part, index = wrapped
+      model = nnx.merge(graphdef, p, plan.stats_in(carry), rest)
+      if streams:
+        nnx.reseed(model, **_stream_keys(key, _part_index(index), streams))
+      value = loss_fn(model, part)
+      return plan.loss_out(value, nnx.as_pure(nnx.state(model, nnx.BatchStat)))
+
+    run = bo.perturbation_gradients(loss, rule, **options)
+    grads, args, info = run(params, opt_state, _with_index(batch, axis_name, mesh), key, plan.carry(stats))
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+    new_stats, info = plan.results(info, axis_name, mesh)
+    if new_stats is not None:
+      nnx.update(model, new_stats)
+    return _as_variables(param_vars, grads), args, info
+
+  return gradients
+
+
+class Optimizer(nnx.Optimizer):
+  """An ``nnx.Optimizer`` whose :meth:`update` also takes the :class:`Gradients` of :func:`nnx_value_and_grad`.
+
+  Built as ``nnx.Optimizer(model, tx, wrt=...)``; everything else is
+  ``nnx.Optimizer``'s.
+  """
+
+  def update(self, model, grads, /, **kwargs):
+    """``tx.update(grads, ...)`` and the new params written into ``model``; ``Gradients`` pass their extra args."""
+    if isinstance(grads, Gradients):
+      kwargs = {**grads.extra_args, **kwargs}
+      grads = grads.grads
+    return super().update(model, grads, **kwargs)
+
+
+def nnx_value_and_grad(
+  loss_fn: Callable[[nnx.Module, Any], Any],
+  optimizer: nnx.Optimizer,
+  key,
+  *,
+  has_aux: bool = False,
+  m: int = 1,
+  axis_name: str | None = None,
+  mesh: Mesh | None = None,
+  aux_reduce: Literal["concat", "mean"] = "concat",
+  bn_update: BNUpdate = "both",
+  split: Literal["vmap", "scan", "unroll"] = "vmap",
+  rule: bo.PerturbationRule | None = None,
+):
+  """bSAM's two passes in place of ``nnx.value_and_grad(loss_fn, has_aux)`` in an NNX train step.
+
+  Only that line changes (and ``nnx.Optimizer`` becomes :class:`Optimizer`,
+  whose ``update`` passes the extra arguments on). With ``t =
+  optimizer.step`` and ``P`` the optimizer's ``wrt`` parameters, per part
+  ``i`` of the batch (counting across devices)::
+
+    θ_i   = noisy_params(fold_in(fold_in(key, t), i), P, optimizer.opt_state)
+    g_i   = ∇ loss_fn(model at θ_i, part_i)
+    g_ε,i = ∇ loss_fn(model at P + ρ g_i / s, part_i)
+
+  and ``grads = Gradients(mean_i g_ε,i, {"noisy_grads": mean_i |g_i|})``, as
+  :func:`make_nnx_train_step` computes them (the same Dropout keys per part
+  and BatchNorm policy ``bn_update``; the model's BatchNorm statistics are
+  updated in place, as ``nnx.value_and_grad`` would). ``value`` is the
+  second pass's: ``loss`` (mean over parts) and ``aux`` (per example,
+  concatenated over parts in batch order).
+
+  Args:
+    loss_fn: ``loss_fn(model, batch) -> loss``, or ``-> (loss, aux)`` with
+      ``has_aux`` (Flax's NNX examples return ``(loss, logits)``).
+    optimizer: the ``nnx.Optimizer`` (or :class:`Optimizer`) holding the
+      bSAM state.
+    key: a PRNG key or an int seed; step ``t`` draws from ``fold_in(key, t)``.
+    has_aux, m, axis_name, mesh, aux_reduce, bn_update, split: as in
+      :func:`make_nnx_train_step`.
+    rule: a :class:`~bsam_optax.PerturbationRule`; ``None`` for bSAM's.
+
+  Returns:
+    ``grad_fn(model, batch) -> (value, grads)`` with ``grads`` a
+    :class:`Gradients` for ``optimizer.update(model, grads)``.
+
+  Example (Flax's NNX step, with its ``nnx.value_and_grad`` line changed):
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> import bsam_optax.flax as bf
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> optimizer = bf.Optimizer(model, bo.bsam(1e-2, n_data=8), wrt=nnx.Param)
+    >>> def loss_fn(model, batch):
+    ...   pred = model(batch["x"])
+    ...   return jnp.mean((pred - batch["y"]) ** 2), pred
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, batch):
+    ...   grad_fn = bf.nnx_value_and_grad(loss_fn, optimizer, 0, has_aux=True, m=2)
+    ...   (loss, pred), grads = grad_fn(model, batch)
+    ...   optimizer.update(model, grads)
+    ...   return pred
+    >>> train_step(model, optimizer, {"x": jnp.ones((8, 3)), "y": jnp.ones((8, 1))}).shape
+    (8, 1)
+  """
+  _check_nnx_options(loss_fn, axis_name, mesh)
+  _check_optimizer(optimizer)
+  key = _as_key(key)
+  if rule is None:
+    rule = bo.bsam_rule()
+  elif not isinstance(rule, bo.PerturbationRule):
+    raise TypeError(f"rule must be a bsam_optax.PerturbationRule, got {type(rule).__name__}")
+  gradients = _nnx_gradients(loss_fn, rule, _Plan(bn_update, has_aux, aux_reduce, True), m, axis_name, mesh, split)
+
+  def grad_fn(model, batch):
+    if not isinstance(model, nnx.Module):
+      raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}; call grad_fn(model, batch)")
+    _check_n_data(nnx.as_pure(optimizer.opt_state), batch)  # skipped under nnx.jit, where N is traced
+    grads, args, info = gradients(model, optimizer, batch, jax.random.fold_in(key, optimizer.step[...]))
+    value = (info.second_loss, info.aux) if has_aux else info.second_loss
+    return value, Gradients(grads, args)
+
+  return grad_fn
 
 
 def _nnx_parts(model, optimizer):
@@ -764,7 +1023,7 @@ def nnx_predictive(
   inputs,
   num_samples: int = 32,
   *,
-  batch_stats: Literal["mean", "recompute"] = "mean",
+  batch_stats: Literal["mean", "recompute"] | None = None,
   bn_inputs=None,
   **kwargs,
 ) -> jax.Array:
@@ -783,9 +1042,10 @@ def nnx_predictive(
     batch_stats: BatchNorm statistics of each sample: ``"mean"``, the running
       statistics of ω; ``"recompute"``, re-estimated for every θ_j as the
       average of the training-mode batch statistics on ``bn_inputs`` (as SWAG
-      does), which keeps the model average calibrated.
-    bn_inputs: with ``"recompute"``, a few training batches of inputs,
-      stacked: shape ``(K, B, ...)``.
+      does), which keeps the model average calibrated. ``None``:
+      ``"recompute"`` when ``bn_inputs`` is given, else ``"mean"``.
+    bn_inputs: with ``"recompute"``, some training inputs: one batch shaped
+      like ``inputs`` or several stacked as ``(K, B, ...)``.
     **kwargs: passed to :func:`bsam_optax.predictive` (``chunk_size``,
       ``link``, ``temperature``).
 
@@ -801,7 +1061,7 @@ def nnx_predictive(
     >>> nnx_predictive(model, optimizer, jax.random.key(0), jnp.ones((5, 3)), num_samples=4).shape
     (5, 2)
   """
-  _check_batch_stats_option(batch_stats, bn_inputs)
+  batch_stats, bn_inputs = _bn_option(batch_stats, bn_inputs, inputs)
   graphdef, params, rest, opt_state = _nnx_parts(model, optimizer)
   for name, value in kwargs.items():
     if name not in inspect.signature(bo.predictive).parameters:

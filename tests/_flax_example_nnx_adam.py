@@ -53,7 +53,6 @@ def train_and_evaluate(epochs=10, batch_size=128, learning_rate=0.005, momentum=
   tx = optax.adamw(learning_rate, momentum)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
-  rng = jax.random.key(seed)
   steps_per_epoch = len(train_ds["image"]) // batch_size
   for epoch in range(epochs):
     model.train()
@@ -65,5 +64,4 @@ def train_and_evaluate(epochs=10, batch_size=128, learning_rate=0.005, momentum=
   model.eval()
   probs = jax.nn.softmax(model(test_ds["image"]))
   results = {"mean": bm.classification_metrics(probs, test_ds["label"])}
-  del rng
   return {k: {m: float(v[m]) for m in ("accuracy", "nll", "ece")} for k, v in results.items()}

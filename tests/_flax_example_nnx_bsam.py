@@ -9,10 +9,9 @@ import optax
 from flax import nnx
 
 import bsam_optax as bo
+import bsam_optax.flax as bf
 import bsam_optax.metrics as bm
 from bsam_optax import app
-from bsam_optax.flax import make_nnx_train_step
-from bsam_optax.flax import nnx_predictive
 
 
 class CNN(nnx.Module):
@@ -42,35 +41,31 @@ def loss_fn(model: CNN, batch):
   return loss, logits
 
 
-bsam_step = make_nnx_train_step(loss_fn, m=8, has_aux=True, jit=False)
-
-
 @nnx.jit
-def train_step(model: CNN, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric, batch, key):
-  info = bsam_step(model, optimizer, batch, key)
-  metrics.update(loss=info.loss, logits=info.aux, labels=batch["label"])
+def train_step(model: CNN, optimizer: nnx.Optimizer, metrics: nnx.MultiMetric, batch):
+  grad_fn = bf.nnx_value_and_grad(loss_fn, optimizer, 0, has_aux=True, m=8)
+  (loss, logits), grads = grad_fn(model, batch)
+  metrics.update(loss=loss, logits=logits, labels=batch["label"])
+  optimizer.update(model, grads)
 
 
 def train_and_evaluate(epochs=10, batch_size=128, learning_rate=0.005, momentum=0.9, seed=0):
   train_ds, test_ds = get_datasets()
   model = CNN(rngs=nnx.Rngs(seed))
   tx = bo.bsam(0.5, n_data=len(train_ds["image"]), rho=0.02, b2=0.99, weight_decay=1e-3)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = bf.Optimizer(model, tx, wrt=nnx.Param)
   metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss"))
-  rng = jax.random.key(seed)
   steps_per_epoch = len(train_ds["image"]) // batch_size
   for epoch in range(epochs):
     model.train()
     perms = np.random.default_rng([seed, epoch]).permutation(len(train_ds["image"]))
     for i in range(steps_per_epoch):
       batch = {k: v[perms[i * batch_size : (i + 1) * batch_size]] for k, v in train_ds.items()}
-      train_step(model, optimizer, metrics, batch, jax.random.fold_in(rng, optimizer.step[...]))
+      train_step(model, optimizer, metrics, batch)
     metrics.reset()
   model.eval()
   probs = jax.nn.softmax(model(test_ds["image"]))
   results = {"mean": bm.classification_metrics(probs, test_ds["label"])}
-  bn_inputs = train_ds["image"][: 4 * batch_size].reshape(4, batch_size, 8, 8, 1)
-  for bn in ("mean", "recompute"):
-    probs = nnx_predictive(model, optimizer, rng, test_ds["image"], batch_stats=bn, bn_inputs=bn_inputs)
-    results[f"model average ({bn} BN)"] = bm.classification_metrics(probs, test_ds["label"])
+  probs = bf.nnx_predictive(model, optimizer, jax.random.key(0), test_ds["image"], bn_inputs=train_ds["image"][:512])
+  results["model average"] = bm.classification_metrics(probs, test_ds["label"])
   return {k: {m: float(v[m]) for m in ("accuracy", "nll", "ece")} for k, v in results.items()}

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training import train_state as flax_train_state
 from jax.sharding import Mesh
 
 import bsam_optax as bo
+import bsam_optax.flax as bf
 from bsam_optax.flax import TrainState
 from bsam_optax.flax import make_train_step
 
@@ -355,3 +357,96 @@ def test_rule_makes_that_methods_step():
     assert float(info.loss) == pytest.approx(float(expected_info.loss), rel=1e-6)
   with pytest.raises(TypeError, match="rule must be a bsam_optax.PerturbationRule"):
     make_train_step(_loss, rule="sam")
+
+
+def _closure_step(key, axis_name=None):
+  """Flax's train step (loss_fn(params) closing over the batch and batch_stats) with bf.value_and_grad."""
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      logits, updates = state.apply_fn(variables, batch[0], train=True, mutable=["batch_stats"])
+      return _loss(logits, batch), (logits, updates)
+
+    (loss, (logits, updates)), grads = bf.value_and_grad(loss_fn, key, has_aux=True, axis_name=axis_name)(state)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)  # Flax's ImageNet line, kept: a no-op on averaged Gradients
+      updates = jax.lax.pmean(updates, axis_name)
+    return state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"]), (loss, logits)
+
+  return train_step
+
+
+def test_value_and_grad_is_the_hand_written_step_with_second_pass_statistics():
+  # Step t draws from fold_in(key, t): the hand-written m = 1 step with that key, statistics of the second pass.
+  state, batch, key = _state(), _data(), jax.random.key(3)
+  state = state.replace(step=jnp.asarray(5, jnp.int32))
+  new, (loss, logits) = jax.jit(_closure_step(key))(state, batch)
+  ref = _reference_steps(state, batch, jax.random.fold_in(key, 5))["perturbed"]
+  _assert_trees_equal(new.params, ref.params, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(new.opt_state, ref.opt_state, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(new.batch_stats, ref.batch_stats, rtol=1e-5, atol=1e-6)
+  assert int(new.step) == 6 and logits.shape == (N_DATA, 3)
+  # the value is the second pass's: the loss at ω + ε
+  point = bo.perturbed_params(state.params, state.opt_state, _first_gradient(state, batch, jax.random.fold_in(key, 5)))
+  assert float(loss) == pytest.approx(float(_model_loss(point, batch, state.batch_stats)[0]), rel=1e-5)
+  # an int seed is jax.random.key(seed)
+  seeded, _ = jax.jit(_closure_step(0))(state, batch)
+  keyed, _ = jax.jit(_closure_step(jax.random.key(0)))(state, batch)
+  _assert_trees_equal(seeded.params, keyed.params, rtol=0, atol=0)
+
+
+def _first_gradient(state, batch, key):
+  theta = bo.noisy_params(jax.random.fold_in(key, 0), state.params, state.opt_state)
+  return jax.grad(lambda p: _model_loss(p, batch, state.batch_stats)[0])(theta)
+
+
+def test_value_and_grad_under_pmap_is_one_part_per_device():
+  # D devices with one part each give make_train_step's m = D on one device (bn_update="second").
+  state, batch, key = _state(), _data(), jax.random.key(4)
+  devices = jax.devices()[:2]
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)
+  sharded = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]), batch)
+  step = jax.pmap(_closure_step(key, axis_name="d"), axis_name="d", devices=devices)
+  pmapped, (loss, logits) = step(replicate(state), sharded)
+  step_key = jax.random.fold_in(key, 0)  # step 0
+  one, info = make_train_step(_loss, m=2, bn_update="second", apply_kwargs=TRAIN)(state, batch, step_key)
+  pmapped = jax.tree.map(lambda x: x[0], pmapped)
+  _assert_trees_equal(pmapped.params, one.params, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(pmapped.opt_state, one.opt_state, rtol=1e-5, atol=1e-6)
+  _assert_trees_equal(pmapped.batch_stats, one.batch_stats, rtol=1e-5, atol=1e-6)
+  assert float(loss[0]) == pytest.approx(float(info.second_loss), rel=1e-5)
+  assert logits.shape == (2, N_DATA // 2, 3)  # per device, as Flax's step computes its metrics
+
+
+def test_value_and_grad_errors():
+  state = _state()
+  with pytest.raises(TypeError, match="fun must be callable"):
+    bf.value_and_grad(None, 0)
+  with pytest.raises(TypeError, match="int seed"):
+    bf.value_and_grad(lambda p: 0.0, "0")
+  with pytest.raises(TypeError, match="PerturbationRule"):
+    bf.value_and_grad(lambda p: 0.0, 0, rule="sam")
+  flax_state = flax_train_state.TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=state.tx)
+  loss = lambda p: jnp.sum(jax.tree.leaves(p)[0])
+  with pytest.raises(TypeError, match="subclass bsam_optax.flax.TrainState"):
+    bf.value_and_grad(loss, 0)(flax_state)
+  with pytest.raises(TypeError, match="TrainState"):
+    bf.value_and_grad(loss, 0)(state.params)
+
+
+def test_predictive_defaults_for_flax_models():
+  # bn_inputs alone means "recompute"; one batch shaped like the inputs is K = 1; train_kwargs is apply_kwargs with
+  # train=True.
+  state, (x, _) = _state(), _data()
+  key, ev = jax.random.key(0), {"train": False}
+  explicit = state.predictive(
+    key, x, 2, apply_kwargs=ev, batch_stats="recompute", bn_inputs=x[None], train_kwargs=TRAIN
+  )
+  np.testing.assert_allclose(state.predictive(key, x, 2, apply_kwargs=ev, bn_inputs=x), explicit, rtol=1e-6)
+  running = state.predictive(key, x, 2, apply_kwargs=ev, batch_stats="mean")
+  np.testing.assert_allclose(state.predictive(key, x, 2, apply_kwargs=ev), running, rtol=1e-6)
+  with pytest.raises(ValueError, match="train_kwargs"):
+    state.predictive(key, x, 2, apply_kwargs={}, bn_inputs=x)
+  with pytest.raises(ValueError, match="axes"):
+    state.predictive(key, x, 2, apply_kwargs=ev, bn_inputs=x[None, None])
