@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import bsam_optax as bo
+import bsam_optax.flax as bf
 from bsam_optax.flax import make_nnx_train_step
 
 N_DATA = 64
@@ -264,3 +265,88 @@ def test_mistakes_get_errors_that_say_what_to_do():
   tiny = nnx.Optimizer(model, bo.bsam(0.1, n_data=2), wrt=nnx.Param)
   with pytest.raises(ValueError, match="smaller than one batch"):
     step(model, tiny, _data(), jax.random.key(0))
+
+
+def _value_and_grad_step(key, **kwargs):
+  """Flax's NNX train step with its nnx.value_and_grad line switched to bf.nnx_value_and_grad."""
+
+  @nnx.jit
+  def train_step(model, optimizer, batch):
+    grad_fn = bf.nnx_value_and_grad(_aux_loss, optimizer, key, has_aux=True, **kwargs)
+    (loss, logits), grads = grad_fn(model, batch)
+    optimizer.update(model, grads)
+    return loss, logits
+
+  return train_step
+
+
+def _drop_net_and_optimizer(optimizer_type=bf.Optimizer):
+  model = DropNet(nnx.Rngs(0))
+  model.train()
+  return model, optimizer_type(model, bo.bsam(0.1, n_data=N_DATA, rho=0.01), wrt=nnx.Param)
+
+
+def test_nnx_value_and_grad_is_the_nnx_train_step():
+  # Step t draws from fold_in(key, t); everything else is make_nnx_train_step's (parts, Dropout keys, BatchNorm).
+  batch, key = _data(), jax.random.key(2)
+  model, optimizer = _drop_net_and_optimizer()
+  step = _value_and_grad_step(key, m=2)
+  for _ in range(2):
+    loss, logits = step(model, optimizer, batch)
+  ref_model, ref_optimizer = _drop_net_and_optimizer(nnx.Optimizer)
+  ref_step = make_nnx_train_step(_aux_loss, m=2, has_aux=True)
+  for t in range(2):
+    info = ref_step(ref_model, ref_optimizer, batch, jax.random.fold_in(key, t))
+  for which in (nnx.Param, nnx.BatchStat):
+    _assert_trees_close(_pure(model, which), _pure(ref_model, which))
+  _assert_trees_close(nnx.as_pure(optimizer.opt_state), nnx.as_pure(ref_optimizer.opt_state))
+  np.testing.assert_allclose(logits, info.aux, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, info.second_loss, rtol=1e-5)  # the value is the second pass's
+  assert logits.shape == (N_DATA, 3) and int(optimizer.step[...]) == 2
+
+
+def test_gradients_with_a_plain_nnx_optimizer_and_plain_grads_with_bf_optimizer():
+  batch = _data()
+  model, optimizer = _drop_net_and_optimizer()
+  _value_and_grad_step(0)(model, optimizer, batch)
+  plain_model, plain = _drop_net_and_optimizer(nnx.Optimizer)
+
+  @nnx.jit
+  def plain_step(model, optimizer, batch):
+    _, grads = bf.nnx_value_and_grad(_aux_loss, optimizer, 0, has_aux=True)(model, batch)
+    optimizer.update(model, grads.grads, **grads.extra_args)
+
+  plain_step(plain_model, plain, batch)
+  _assert_trees_close(_pure(model, nnx.Param), _pure(plain_model, nnx.Param))
+  # bf.Optimizer with ordinary gradients is nnx.Optimizer
+  sgd_model = Net(nnx.Rngs(1))
+  sgd = bf.Optimizer(sgd_model, optax.sgd(0.1), wrt=nnx.Param)
+  grads = nnx.grad(_loss)(sgd_model, batch)
+  assert isinstance(sgd, nnx.Optimizer)
+  updates = sgd.update(sgd_model, grads)
+  _assert_trees_close(updates, jax.tree.map(lambda g: -0.1 * g, nnx.as_pure(nnx.state(grads, nnx.Param))))
+
+
+def test_nnx_value_and_grad_errors():
+  model, optimizer = _drop_net_and_optimizer()
+  with pytest.raises(TypeError, match="nnx.Optimizer"):
+    bf.nnx_value_and_grad(_aux_loss, optax.sgd(0.1), 0)
+  with pytest.raises(TypeError, match="int seed"):
+    bf.nnx_value_and_grad(_aux_loss, optimizer, None)
+  with pytest.raises(TypeError, match="loss_fn must be callable"):
+    bf.nnx_value_and_grad(None, optimizer, 0)
+  with pytest.raises(TypeError, match="nnx.Module"):
+    bf.nnx_value_and_grad(_aux_loss, optimizer, 0)(optimizer, _data())
+  tiny = nnx.Optimizer(model, bo.bsam(0.1, n_data=2), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="smaller than one batch"):  # checked outside nnx.jit
+    bf.nnx_value_and_grad(_aux_loss, tiny, 0, has_aux=True)(model, _data())
+
+
+def test_nnx_predictive_defaults():
+  # bn_inputs alone means "recompute"; one batch shaped like the inputs is K = 1.
+  model, optimizer = _model_and_optimizer()
+  x, key = _data()["x"], jax.random.key(3)
+  explicit = bf.nnx_predictive(model, optimizer, key, x, 2, batch_stats="recompute", bn_inputs=x[None])
+  np.testing.assert_allclose(bf.nnx_predictive(model, optimizer, key, x, 2, bn_inputs=x), explicit, rtol=1e-6)
+  running = bf.nnx_predictive(model, optimizer, key, x, 2, batch_stats="mean")
+  np.testing.assert_allclose(bf.nnx_predictive(model, optimizer, key, x, 2), running, rtol=1e-6)
