@@ -84,6 +84,7 @@ __all__ = [
   "make_train_step",
   "nnx_posterior",
   "nnx_predictive",
+  "nnx_recompute_batch_stats",
   "nnx_sample_posterior",
   "nnx_value_and_grad",
   "value_and_grad",
@@ -326,6 +327,30 @@ class TrainState(train_state.TrainState):
     """``num_samples`` parameter sets θ_j ~ N(ω, 1/(N s)); see :func:`bsam_optax.sample_posterior`."""
     return bo.sample_posterior(key, self.params, self.opt_state, num_samples, **kwargs)
 
+  def recompute_batch_stats(self, bn_inputs, *, train_kwargs: dict | None = None):
+    """A copy with ``batch_stats`` re-estimated at ω on training inputs (as SWA's ``update_bn``).
+
+    The running averages collected during training trail the moving
+    weights (and, with bSAM, were taken at the perturbed points); the
+    posterior mean evaluated with statistics recomputed at ω is often much
+    better (``docs/hyperparameters.md``). The statistics are the average over
+    the ``K`` batches of the training-mode batch mean and variance.
+
+    Args:
+      bn_inputs: training inputs: one batch ``(B, ...)`` (e.g.
+        ``train_ds["image"][:512]``) or a list of batches.
+      train_kwargs: keyword arguments of the training-mode call;
+        ``{"train": True}`` (Flax's convention) by default.
+
+    Returns:
+      The state with the new ``batch_stats`` (unchanged without BatchNorm).
+    """
+    if self.batch_stats is None:
+      return self
+    bn_inputs = _stacked_batches(bn_inputs)
+    stats = _linen_batch_stats(self.apply_fn, self.params, self.batch_stats, bn_inputs, train_kwargs or {"train": True})
+    return self.replace(batch_stats=stats)
+
   def predictive(
     self,
     key: jax.Array,
@@ -367,6 +392,17 @@ class TrainState(train_state.TrainState):
     batch_stats, bn_inputs = _bn_option(batch_stats, bn_inputs, inputs)
     apply = _linen_apply(self.apply_fn, self.batch_stats, batch_stats, bn_inputs, apply_kwargs, train_kwargs)
     return bo.predictive(apply, key, self.params, self.opt_state, inputs, num_samples, **kwargs)
+
+
+def _stacked_batches(bn_inputs):
+  """``(K, B, ...)`` from one batch ``(B, ...)`` (K = 1) or a list of K batches."""
+  if isinstance(bn_inputs, (list, tuple)):
+    if not bn_inputs:
+      raise ValueError("bn_inputs is an empty list; pass one batch of training inputs or a list of batches")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *bn_inputs)
+  if not jax.tree.leaves(bn_inputs) or jnp.ndim(jax.tree.leaves(bn_inputs)[0]) < 1:
+    raise ValueError("bn_inputs must be one batch of training inputs (B, ...) or a list of batches")
+  return jax.tree.map(lambda x: x[None], bn_inputs)
 
 
 def _bn_option(batch_stats, bn_inputs, inputs):
@@ -429,16 +465,24 @@ def _linen_apply(apply_fn, running_stats, batch_stats, bn_inputs, apply_kwargs, 
     return lambda params, x: apply_fn(variables(params, running_stats), x, **apply_kwargs)
 
   def apply(params, x):
-    def stats_of(inputs):
-      def run(start):
-        _, mutated = apply_fn(variables(params, start), inputs, mutable=["batch_stats"], **train_kwargs)
-        return mutated["batch_stats"]
-
-      return _recomputed(run, running_stats)
-
-    return apply_fn(variables(params, _average_over_batches(stats_of, bn_inputs)), x, **apply_kwargs)
+    stats = _linen_batch_stats(apply_fn, params, running_stats, bn_inputs, train_kwargs)
+    return apply_fn(variables(params, stats), x, **apply_kwargs)
 
   return apply
+
+
+def _linen_batch_stats(apply_fn, params, running_stats, bn_inputs, train_kwargs):
+  """The training-mode batch statistics of ``params``, averaged over the stacked batches ``bn_inputs``."""
+
+  def stats_of(inputs):
+    def run(start):
+      variables = {"params": params, "batch_stats": start}
+      _, mutated = apply_fn(variables, inputs, mutable=["batch_stats"], **train_kwargs)
+      return mutated["batch_stats"]
+
+    return _recomputed(run, running_stats)
+
+  return _average_over_batches(stats_of, bn_inputs)
 
 
 def _state_fields(state):
@@ -992,22 +1036,58 @@ def _nnx_apply(graphdef, rest, batch_stats, bn_inputs):
     return apply
 
   def apply(params, x):
-    running = nnx.as_pure(nnx.state(build(params), nnx.BatchStat))
-
-    def stats_of(inputs):
-      def run(start):
-        model = build(params, start)
-        model.train()
-        model(inputs)
-        return nnx.as_pure(nnx.state(model, nnx.BatchStat))
-
-      return _recomputed(run, running)
-
-    model = build(params, _average_over_batches(stats_of, bn_inputs))
+    model = build(params, _nnx_batch_stats(build, params, bn_inputs))
     model.eval()
     return model(x)
 
   return apply
+
+
+def _nnx_batch_stats(build, params, bn_inputs):
+  """The training-mode batch statistics of ``params``, averaged over the stacked batches ``bn_inputs``."""
+  running = nnx.as_pure(nnx.state(build(params), nnx.BatchStat))
+
+  def stats_of(inputs):
+    def run(start):
+      model = build(params, start)
+      model.train()
+      model(inputs)
+      return nnx.as_pure(nnx.state(model, nnx.BatchStat))
+
+    return _recomputed(run, running)
+
+  return _average_over_batches(stats_of, bn_inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _nnx_recomputed_stats(graphdef, params, rest, bn_inputs):
+  def build(p, stats=None):
+    model = nnx.merge(graphdef, p, rest)
+    if stats is not None:
+      nnx.update(model, stats)
+    return model
+
+  return _nnx_batch_stats(build, params, bn_inputs)
+
+
+def nnx_recompute_batch_stats(model: nnx.Module, bn_inputs) -> None:
+  """Re-estimates the model's BatchNorm statistics at its current parameters, in place (as SWA's ``update_bn``).
+
+  The running averages collected during training trail the moving weights
+  (and, with bSAM, were taken at the perturbed points); the posterior mean
+  evaluated with statistics recomputed at ω is often much better
+  (``docs/hyperparameters.md``). The new statistics are the average over the
+  batches of the training-mode batch mean and variance.
+
+  Args:
+    model: the trained NNX model; its ``nnx.BatchStat`` variables are replaced.
+    bn_inputs: training inputs: one batch ``(B, ...)`` or a list of batches.
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  stats = _nnx_recomputed_stats(graphdef, nnx.as_pure(params), nnx.as_pure(rest), _stacked_batches(bn_inputs))
+  nnx.update(model, stats)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "batch_stats", "kwargs"))

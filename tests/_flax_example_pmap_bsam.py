@@ -73,7 +73,7 @@ def train_and_evaluate(epochs=10, batch_size=128, learning_rate=0.1, momentum=0.
   rng = jax.random.key(seed)
   model = ResNetBlockNet()
   variables = model.init(rng, jnp.ones((1, 8, 8, 1)), train=False)
-  tx = bo.bsam(0.5, n_data=len(train_ds["image"]), rho=0.02, b2=0.99, weight_decay=1e-3)
+  tx = bo.bsam(0.5, n_data=len(train_ds["image"]), rho=0.02, b2=0.99, weight_decay=1e-3, init_scale=0.1)
   state = TrainState.create(
     apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
   )

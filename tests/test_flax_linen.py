@@ -450,3 +450,17 @@ def test_predictive_defaults_for_flax_models():
     state.predictive(key, x, 2, apply_kwargs={}, bn_inputs=x)
   with pytest.raises(ValueError, match="axes"):
     state.predictive(key, x, 2, apply_kwargs=ev, bn_inputs=x[None, None])
+
+
+def test_recompute_batch_stats_at_the_mean():
+  state, (x, _) = _state(), _data()
+  new = state.recompute_batch_stats(x)
+  mean, var = _batch_statistics(state.params, x)
+  np.testing.assert_allclose(new.batch_stats["BatchNorm_0"]["mean"], mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(new.batch_stats["BatchNorm_0"]["var"], var, rtol=1e-4, atol=1e-5)
+  halves = state.recompute_batch_stats([x[:32], x[32:]])  # a list of batches: the mean of their statistics
+  stats = [_batch_statistics(state.params, b) for b in (x[:32], x[32:])]
+  np.testing.assert_allclose(halves.batch_stats["BatchNorm_0"]["var"], np.mean([s[1] for s in stats], 0), rtol=1e-4)
+  _assert_trees_equal(new.params, state.params, rtol=0, atol=0)
+  with pytest.raises(ValueError, match="empty"):
+    state.recompute_batch_stats([])

@@ -350,3 +350,16 @@ def test_nnx_predictive_defaults():
   np.testing.assert_allclose(bf.nnx_predictive(model, optimizer, key, x, 2, bn_inputs=x), explicit, rtol=1e-6)
   running = bf.nnx_predictive(model, optimizer, key, x, 2, batch_stats="mean")
   np.testing.assert_allclose(bf.nnx_predictive(model, optimizer, key, x, 2), running, rtol=1e-6)
+
+
+def test_nnx_recompute_batch_stats_in_place():
+  model, _ = _model_and_optimizer()
+  x = _data()["x"]
+  params = _pure(model, nnx.Param)
+  bf.nnx_recompute_batch_stats(model, x)
+  hidden = x @ params["dense"]["kernel"] + params["dense"]["bias"]
+  np.testing.assert_allclose(model.norm.mean[...], hidden.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(model.norm.var[...], hidden.var(0), rtol=1e-4, atol=1e-5)
+  _assert_trees_close(_pure(model, nnx.Param), params, rtol=0, atol=0)
+  with pytest.raises(TypeError, match="nnx.Module"):
+    bf.nnx_recompute_batch_stats(params, x)
