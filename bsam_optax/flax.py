@@ -9,12 +9,20 @@ Both paths run the bSAM step of :func:`bsam_optax.bsam_step`::
 
 **Switching a Flax example to bSAM.** The optimizer becomes ``bo.bsam(...)``
 (see the hyper-parameter guide in the documentation: α behaves like an SGD
-learning rate, not an Adam one) and the hand-written ``train_step`` becomes
-:func:`make_train_step` (linen) or :func:`make_nnx_train_step` (NNX), which
-take the example's own ``loss_fn`` and return its per-example ``aux`` (logits)
-concatenated over the m-sharpness parts and the devices, so the metrics need no
-second forward pass. Dict batches (``batch["image"]``), Dropout (a key per part)
-and BatchNorm work; Flax's own ``TrainState`` (or a subclass with
+learning rate, not an Adam one) and the train step's gradient line changes:
+``jax.value_and_grad(loss_fn, has_aux=True)(state.params)`` becomes
+:func:`value_and_grad` ``(loss_fn, seed, has_aux=True)(state)`` with the
+state a :class:`TrainState` (linen), ``nnx.value_and_grad(loss_fn, ...)``
+becomes :func:`nnx_value_and_grad` ``(loss_fn, optimizer, seed, ...)`` with
+the optimizer an :class:`Optimizer` (NNX). Both return ``(value, grads)``;
+``grads`` is a :class:`Gradients` that ``apply_gradients`` / ``update`` turn
+into ``tx.update(g_ε, ..., noisy_grads=|g|)``. Alternatively the whole
+``train_step`` becomes :func:`make_train_step` (linen, with m-sharpness over
+the user's loss of the outputs) or :func:`make_nnx_train_step` (NNX), which
+return the loss's per-example ``aux`` (logits) concatenated over the
+m-sharpness parts and the devices, so the metrics need no second forward
+pass. Dict batches (``batch["image"]``), Dropout (a key per part) and
+BatchNorm work; Flax's own ``TrainState`` (or a subclass with
 ``batch_stats``) is accepted by the linen step.
 
 **BatchNorm statistics.** Two training-mode forward passes per step means two
@@ -855,7 +863,7 @@ def _nnx_gradients(loss_fn, rule, plan, m, axis_name, mesh, split):
   bo.StepOptions(**options)
 
   def gradients(model, optimizer, batch, key):
-    graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)  # type: ignore[misc]
+    graphdef, param_vars, stats, rest = nnx.split(model, optimizer.wrt, nnx.BatchStat, ...)
     params = nnx.as_pure(param_vars)
     stats = nnx.as_pure(stats)
     rest = nnx.as_pure(rest)  # RNG streams are reseeded per part; other mutable state is not carried over
@@ -1085,7 +1093,7 @@ def nnx_recompute_batch_stats(model: nnx.Module, bn_inputs) -> None:
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
   stats = _nnx_recomputed_stats(graphdef, nnx.as_pure(params), nnx.as_pure(rest), _stacked_batches(bn_inputs))
   nnx.update(model, stats)
 
