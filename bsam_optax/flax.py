@@ -514,7 +514,7 @@ def make_train_step(
   bn_update: BNUpdate = "both",
   apply_kwargs: dict | None = None,
   rng_streams: Sequence[str] = ("dropout",),
-  split: Literal["vmap", "scan", "unroll"] = "vmap",
+  split: Literal["auto", "vmap", "scan", "unroll"] = "auto",
   donate: bool = False,
   rule: bo.PerturbationRule | None = None,
 ):
@@ -556,8 +556,8 @@ def make_train_step(
       model, e.g. ``{"train": True}``.
     rng_streams: the RNG collections the model draws from in training; each
       part gets its own key for each (see :mod:`bsam_optax.flax`).
-    split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
-      ``bsam_step``).
+    split: ``"auto"`` (the step's choice, see :func:`bsam_optax.choose_split`),
+      ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts.
     donate: donate the state's buffers to the compiled step.
     rule: a :class:`~bsam_optax.PerturbationRule`; ``None`` for
       ``bo.bsam_rule()``, bSAM.
@@ -763,7 +763,7 @@ def make_nnx_train_step(
   has_aux: bool = False,
   aux_reduce: Literal["concat", "mean"] = "concat",
   bn_update: BNUpdate = "both",
-  split: Literal["vmap", "scan", "unroll"] = "vmap",
+  split: Literal["auto", "vmap", "scan", "unroll"] = "auto",
   jit: bool = True,
 ):
   """Builds a bSAM train step for an NNX model and its :class:`nnx.Optimizer`.
@@ -798,8 +798,8 @@ def make_nnx_train_step(
       devices in batch order) or ``"mean"``.
     bn_update: ``"both"`` (the authors' behaviour), ``"second"``,
       ``"first"`` or ``"none"``.
-    split: ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts (see
-      :func:`bsam_optax.bsam_step`).
+    split: ``"auto"`` (the step's choice, see :func:`bsam_optax.choose_split`),
+      ``"vmap"``, ``"scan"`` or ``"unroll"`` over the m parts.
     jit: wrap the step in ``nnx.jit``.
 
   Returns:
@@ -915,7 +915,7 @@ def nnx_value_and_grad(
   mesh: Mesh | None = None,
   aux_reduce: Literal["concat", "mean"] = "concat",
   bn_update: BNUpdate = "both",
-  split: Literal["vmap", "scan", "unroll"] = "vmap",
+  split: Literal["auto", "vmap", "scan", "unroll"] = "auto",
   rule: bo.PerturbationRule | None = None,
 ):
   """bSAM's two passes in place of ``nnx.value_and_grad(loss_fn, has_aux)`` in an NNX train step.
