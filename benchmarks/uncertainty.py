@@ -59,7 +59,9 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-3, 3e-3]},
     "sam_sgd": {"learning_rate": [0.1, 0.3, 1.0], "weight_decay": [1e-3, 3e-3], "rho": [0.1, 0.2, 0.3]},
     "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-3, 3e-3], "rho": [0.1, 0.2, 0.3]},
-    "bsam": {"learning_rate": [1.0, 2.0, 4.0], "weight_decay": [3e-4, 1e-3], "rho": [0.05, 0.1, 0.2]},
+    # bSAM's training-time temperature is searched like lr and ρ (issue 12): N = n_data_scale x train size, the
+    # grid centred on the earlier grids' selections (lr 2-4, ρ 0.1-0.2, δ 1e-3 at N, 4 N and 16 N).
+    "bsam": {"learning_rate": [2.0, 4.0, 8.0], "weight_decay": [1e-3], "rho": [0.1, 0.2], "n_data_scale": [1, 4, 16]},
     # The variational family (issue 13), 2 x 2 grids (2 for the seed's VSAM) of the learning rate and the
     # method's main hyper-parameter: MFVI around its one-seed pilot's best (lr 3e-3) x the prior precision δ;
     # VSAM (Adam inside) at SAM-Adam's and Adam's selected lr x the bound on σ (VSAM is SAM with the Euclidean
@@ -78,13 +80,24 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-3]},
     "sam_sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
     "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
-    "bsam": {"learning_rate": [0.3, 1.0, 2.0], "weight_decay": [1e-4, 1e-3], "rho": [0.02, 0.05, 0.1]},
+    "bsam": {"learning_rate": [1.0, 2.0], "weight_decay": [1e-3], "rho": [0.02, 0.05], "n_data_scale": [1, 4, 16]},
     # The CNN has P = 3,498 parameters: VSAM's Euclidean radius sqrt(P) max_std = 0.03, 0.09, around SAM-Adam's ρ.
     "mfvi": {"learning_rate": [3e-3, 1e-2], "weight_decay": [1e-4, 1e-3]},
     "vsam": {"learning_rate": [1e-2, 3e-2], "weight_decay": [1e-3], "max_std": [5e-4, 1.5e-3]},
     "vsam_unbounded": {"learning_rate": [1e-2, 3e-2], "weight_decay": [1e-3]},
     "fisher_sam": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "rho": [0.05, 0.1]},
     "random_sam": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "sigma": [1e-3, 5e-3]},
+  },
+}
+# scikit-learn's digits (--dataset digits): a small task on which Adam is strong. 2-3 learning rates around
+# each method's one-seed pilot (benchmarks/README.md), δ = 1e-3, ρ x 2 for SAM and bSAM, n_data_scale x 3 for bSAM.
+DIGITS_GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
+  "mlp": {
+    "sgd": {"learning_rate": [0.03, 0.1, 0.3], "weight_decay": [1e-3]},
+    "adam": {"learning_rate": [1e-3, 3e-3, 1e-2], "weight_decay": [1e-3]},
+    "sam_sgd": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "rho": [0.05, 0.2]},
+    "sam_adam": {"learning_rate": [1e-3, 3e-3], "weight_decay": [1e-3], "rho": [0.05, 0.2]},
+    "bsam": {"learning_rate": [1.0, 2.0], "weight_decay": [1e-3], "rho": [0.05, 0.1], "n_data_scale": [1, 4, 16]},
   },
 }
 QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
@@ -137,7 +150,16 @@ METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence", "acc_at
 # 2^-10 ... 2^2) by validation NLL; T = 0 is the posterior mean.
 LOGIT_TEMPERATURES = tuple(float(t) for t in np.exp(np.linspace(np.log(0.1), np.log(10.0), 61)))
 POSTERIOR_TEMPERATURES = (0.0,) + tuple(2.0**k for k in range(-10, 3))
+# How the posterior temperature is chosen among POSTERIOR_TEMPERATURES: "one_se" (bo.select_temperature's default,
+# the smallest T whose validation NLL is within one standard error of the lowest) or "min" (the lowest; the rule of
+# the results files written before it, which record it as "temperature_rule" or, when absent, used "min").
+TEMPERATURE_RULE = "one_se"
 COVERAGE = 0.9  # selective prediction: accuracy on the 90% most confident test examples
+DATASET_NAMES = {"mnist1d": "MNIST-1D", "digits": "scikit-learn digits"}
+MODEL_NAMES = {
+  "mnist1d": {"mlp": "40-128-128-10", "cnn": "3 x conv(16, k=5, stride 2)"},
+  "digits": {"mlp": "64-128-128-10", "cnn": "3 x conv(16, 5 x 5, stride 2)"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +270,58 @@ def _nll_of_log_probs(log_probs, labels):
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
+def select_posterior_temperature(per_example_nll, rule=TEMPERATURE_RULE):
+  """Index of the posterior temperature chosen from per-example validation NLLs, jit-able.
+
+  ``bo.select_temperature``'s rule on device: ``per_example_nll`` has shape
+  ``(num_temperatures, n)`` with the candidates in increasing order (T = 0
+  first). ``best`` is the candidate with the lowest mean NLL (ties: the
+  smaller T); with ``rule="one_se"`` the smallest T whose paired difference
+  ``d_i = nll_T(i) − nll_best(i)`` has ``mean(d) <= std(d) / sqrt(n)`` wins,
+  with ``rule="min"`` ``best`` itself. Candidates whose mean is not finite are
+  never chosen (all of them: index 0, the posterior mean).
+  """
+  means = jnp.mean(per_example_nll, axis=1)
+  finite = jnp.isfinite(means)
+  best = jnp.argmin(jnp.where(finite, means, jnp.inf))
+  if rule == "min":
+    return jnp.where(jnp.any(finite), best, 0)
+  if rule != "one_se":
+    raise ValueError(f"rule must be 'one_se' or 'min', got {rule!r}")
+  d = per_example_nll - per_example_nll[best]
+  within = finite & (jnp.mean(d, axis=1) <= jnp.std(d, axis=1) / math.sqrt(d.shape[1]))
+  return jnp.where(jnp.any(within), jnp.argmax(within), jnp.where(jnp.any(finite), best, 0))
+
+
+def posterior_temperature_nlls(apply_fn, key, params, opt_state, inputs, labels, num_samples, temperatures):
+  """Per-example NLLs ``(len(temperatures), n)`` of the model average at each T, the same samples for every T.
+
+  As ``bo.select_temperature`` computes them: T = 0 is the posterior mean's
+  prediction; for T > 0 the log of ``1/S Σ_j softmax(apply_fn(ω + √T σ z_j, x))``
+  by a log-sum-exp over the ``num_samples`` draws of
+  ``bo.sample_posterior(key, ...)`` (evaluated 8 at a time).
+  """
+  chunk = math.gcd(num_samples, 8)
+
+  def per_example(log_probs):
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+  def at(t):
+    thetas = bo.sample_posterior(key, params, opt_state, num_samples, temperature=t)
+    thetas = jax.tree.map(lambda a: a.reshape((num_samples // chunk, chunk) + a.shape[1:]), thetas)
+
+    def chunk_logsumexp(chunk_thetas):
+      log_probs = jax.vmap(lambda theta: jax.nn.log_softmax(apply_fn(theta, inputs)))(chunk_thetas)
+      return jax.nn.logsumexp(log_probs, axis=0)
+
+    per_chunk = jax.lax.map(chunk_logsumexp, thetas)
+    return per_example(jax.nn.logsumexp(per_chunk, axis=0) - math.log(num_samples))
+
+  temps = jnp.asarray(temperatures[1:], jnp.float32)
+  mean = per_example(jax.nn.log_softmax(apply_fn(params, inputs)))
+  return jnp.concatenate([mean[None], jax.lax.map(at, temps)])
+
+
 def make_runner(method: str, setup: Setup, data: app.Dataset, eval_samples_list=None):
   """A compiled ``runs(hps, seeds) -> metrics``, vmapped over runs.
 
@@ -318,17 +392,14 @@ def make_runner(method: str, setup: Setup, data: app.Dataset, eval_samples_list=
       out[f"average_{s}"] = evaluate(probs)
     if bayesian:
       out["average"] = out[f"average_{setup.eval_samples}"]
-      # The posterior temperature: the same samples (eval_key) for every T, T by validation NLL.
+      # The posterior temperature: bo.select_temperature's rule on device (it syncs with the host, so it cannot
+      # run inside this vmap), the same samples (eval_key) for every T and for the test predictions below.
       s, chunk = setup.eval_samples, math.gcd(setup.eval_samples, 8)
-      temps = jnp.asarray(POSTERIOR_TEMPERATURES, jnp.float32)
-
-      def val_nll_at(t):
-        probs = bo.predictive(
-          apply_fn, eval_key, params, opt_state, data.validation.x, s, chunk_size=chunk, temperature=t
-        )
-        return _metrics.nll(probs, data.validation.y)
-
-      out["temperature"] = temps[jnp.argmin(jax.lax.map(val_nll_at, temps))]
+      nlls = posterior_temperature_nlls(
+        apply_fn, eval_key, params, opt_state, data.validation.x, data.validation.y, s, POSTERIOR_TEMPERATURES
+      )
+      index = select_posterior_temperature(nlls)
+      out["temperature"] = jnp.asarray(POSTERIOR_TEMPERATURES, jnp.float32)[index]
       probs = bo.predictive(
         apply_fn, eval_key, params, opt_state, inputs, s, chunk_size=chunk, temperature=out["temperature"]
       )
@@ -498,6 +569,13 @@ def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny grid, 2 seeds, 5 epochs, MLP only (CI)")
   parser.add_argument("--models", nargs="+", default=None, choices=["mlp", "cnn"])
+  parser.add_argument(
+    "--dataset",
+    default="mnist1d",
+    choices=list(DATASET_NAMES),
+    help="mnist1d (default; the GRIDS) or digits (scikit-learn's 8x8 digits, 1259 train / 179 validation / 359 test; "
+    "the DIGITS_GRIDS); both generated or shipped locally, nothing is downloaded",
+  )
   parser.add_argument("--methods", nargs="+", default=None, choices=list(QUICK_GRIDS))
   parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 2)")
   parser.add_argument("--epochs", type=int, default=None, help="default 60; quick 5")
@@ -548,12 +626,25 @@ def _to_lists(tree):
 
 def render(results, info, argv_str):
   """The markdown report of ``results[model][method] = (configs, metrics)``."""
+  dataset = DATASET_NAMES[info.get("dataset", "mnist1d")]
+  grids_n = [g.get("bsam", {}).get("n_data_scale") for g in info["grids"].values()]
+  if any(grids_n):
+    n_data = "N = n_data_scale x train size, n_data_scale searched in the grid (> 1 tempers the posterior)"
+  else:
+    n_data = "N = train size"
+  rule = info.get("temperature_rule", "min")
+  rule_text = {
+    "min": "the lowest validation NLL",
+    "one_se": "`bo.select_temperature`'s default one-standard-error rule (the smallest T whose validation NLL is "
+    "within one standard error of the lowest, the error of the mean paired per-example difference), computed "
+    "on device with the same samples",
+  }[rule]
   lines = [
-    "# Accuracy and uncertainty on MNIST-1D (paper Table 1 / 6 analogue)",
+    f"# Accuracy and uncertainty on {dataset} (paper Table 1 / 6 analogue)",
     "",
     "Command: `" + f"python benchmarks/uncertainty.py {argv_str}".strip() + "`",
     "",
-    f"MNIST-1D ({info['sizes']}), no augmentation; OOD = {info['ood']}. {info['epochs']} epochs, batch 128, "
+    f"{dataset} ({info['sizes']}), no augmentation; OOD = {info['ood']}. {info['epochs']} epochs, batch 128, "
     "cosine learning rate to 0; SAM-SGD, SAM-Adam and bSAM with m = 8. "
     f"{info['seeds']} seeds (mean ± std over seeds). Every grid point is trained with every seed; "
     "the selected configuration (below) is reported on the test set (bSAM: selected by its model average). "
@@ -562,7 +653,7 @@ def render(results, info, argv_str):
     "conf. − acc. = mean max-probability minus accuracy on the test set (> 0: overconfident).",
     "",
     "Fixed settings: SGD momentum 0.9; Adam β = (0.9, 0.999); bSAM β = (0.9, 0.999), "
-    f"γ = {FIXED['damping']}, s₀ = {FIXED['init_scale']}, N = train size"
+    f"γ = {FIXED['damping']}, s₀ = {FIXED['init_scale']}, {n_data}"
     + (f"; bSAM overrides {info['bsam_fixed']}" if info["bsam_fixed"] else "")
     + ". Grids:",
     "",
@@ -580,7 +671,7 @@ def render(results, info, argv_str):
       "",
     ]
   for model, grids in info["grids"].items():
-    lines += [f"{model.upper()} ({'40-128-128-10' if model == 'mlp' else '3 x conv(16, k=5, stride 2)'}):", ""]
+    lines += [f"{model.upper()} ({MODEL_NAMES[info.get('dataset', 'mnist1d')][model]}):", ""]
     lines += [grid_str(grids), ""]
   if info.get("beside"):
     beside = info["beside"]
@@ -609,8 +700,8 @@ def render(results, info, argv_str):
     "The configurations selected by validation accuracy (the first table), each beside the post-hoc calibration its "
     "users would apply, fitted on the same validation split: logit temperature scaling (Guo et al., 2017; τ from a "
     f"log grid over 0.1-10 by validation NLL) for point estimates, the posterior temperature (bSAM's model average at "
-    f"N(ω, T / (N s)), the same {info['eval_samples']} samples for every T; T ∈ {{0, 2^-10, ..., 4}} by validation "
-    "NLL, as `bo.select_temperature`) for bSAM's model average. Selective prediction: accuracy on the "
+    f"N(ω, T / (N s)), the same {info['eval_samples']} samples for every T; T ∈ {{0, 2^-10, ..., 4}} by {rule_text}) "
+    "for bSAM's model average. Selective prediction: accuracy on the "
     f"{COVERAGE:.0%} most confident test examples.",
     "",
   ]
@@ -651,7 +742,8 @@ def main(argv=None):
     quick = args.quick
     models = args.models or (["mlp"] if quick else ["mlp", "cnn"])
     methods = args.methods or list(DEFAULT_METHODS)
-    all_grids = json.loads(args.grid) if args.grid else (None if quick else GRIDS)
+    default_grids = GRIDS if args.dataset == "mnist1d" else DIGITS_GRIDS
+    all_grids = json.loads(args.grid) if args.grid else (None if quick else default_grids)
     if args.selected:
       grids = selected_grids(args.selected, models, methods)
     else:
@@ -660,10 +752,12 @@ def main(argv=None):
     epochs = args.epochs or (5 if quick else 60)
     bsam_fixed = json.loads(args.bsam) if args.bsam else {}
     curvature = bsam_fixed.get("curvature", "abs_grad")
-    data = app.load_dataset("mnist1d")
+    data = app.load_dataset(args.dataset)
     results, times = {}, {}
     for model in models:
-      setup = Setup(model=model, epochs=epochs, eval_samples=args.eval_samples, curvature=curvature)
+      setup = Setup(
+        model=model, dataset=args.dataset, epochs=epochs, eval_samples=args.eval_samples, curvature=curvature
+      )
       results[model] = {}
       for method in methods:
         start = time.perf_counter()
@@ -678,6 +772,8 @@ def main(argv=None):
         for row in rows_for(method, *results[model][method])[0]:
           print("  " + row, flush=True)
     info = {
+      "dataset": args.dataset,
+      "temperature_rule": TEMPERATURE_RULE,
       "sizes": f"{data.train.y.shape[0]} train / {data.validation.y.shape[0]} validation / {data.test.y.shape[0]} test",
       "ood": data.ood_description,
       "epochs": epochs,
@@ -697,6 +793,8 @@ def main(argv=None):
   if args.beside:
     with open(args.beside) as f:
       other = json.load(f)
+    if other["info"].get("dataset", "mnist1d") != info.get("dataset", "mnist1d"):
+      raise ValueError(f"--beside {args.beside} is on another data set than these rows")
     methods = []
     for model in results:
       per = {
