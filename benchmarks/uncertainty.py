@@ -10,7 +10,11 @@ reported on the test set as mean ± std over the seeds: accuracy, NLL, ECE
 entropy) and mean confidence minus accuracy; a second table selects by
 validation NLL instead. bSAM is reported for its posterior mean ω and for the
 model average over ``S`` posterior samples, and is selected by the model
-average.
+average. bSAM's training-time temperature (N = ``n_data_scale`` x train size)
+is one of its grid's axes, selected like the learning rate; its prediction-time
+temperature T is chosen on the validation split by ``bo.select_temperature``'s
+rule (one standard error), computed on device with the same samples.
+``--dataset digits`` runs scikit-learn's 8x8 digits instead (``DIGITS_GRIDS``).
 
 Every run of a method (grid point x seed) is one ``jax.vmap`` lane of a single
 compiled function that trains all epochs (``lax.scan`` over epochs and
@@ -23,6 +27,7 @@ Usage::
   python benchmarks/uncertainty.py --quick       # ~30 s: one config per method, 2 seeds, 5 epochs
   python benchmarks/uncertainty.py               # benchmarks/results/uncertainty.md (~1 h on 2 CPU cores)
   python benchmarks/uncertainty.py --methods bsam --bsam '{"n_data_scale": 4}' --out ...  # a bSAM variant
+  python benchmarks/uncertainty.py --dataset digits --models mlp --out ...  # scikit-learn's digits
 """
 
 import argparse
@@ -91,14 +96,15 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
 }
 # scikit-learn's digits (--dataset digits): a small task on which Adam is strong. Centred on each method's best
 # point of a one-seed pilot (SGD lr 0.03-1, Adam 1e-3-3e-2, SAM-SGD lr 0.1-0.3 x ρ 0.05-0.2, SAM-Adam lr 1e-3-3e-3
-# x ρ 0.05-0.2, bSAM lr 0.5-4 x N, 16 N at ρ 0.05; δ = 1e-3): 2-3 learning rates, ρ x 2, n_data_scale x 3 for bSAM.
+# x ρ 0.05-0.2, bSAM lr 0.5-4 x N, 16 N at ρ 0.05; δ = 1e-3), widened where a first 3-seed run selected an edge:
+# 2-3 learning rates, 2-3 ρ, n_data_scale x 3 for bSAM.
 DIGITS_GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
   "mlp": {
     "sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-3]},
     "adam": {"learning_rate": [1e-2, 3e-2, 1e-1], "weight_decay": [1e-3]},
-    "sam_sgd": {"learning_rate": [0.1, 0.3], "weight_decay": [1e-3], "rho": [0.1, 0.3]},
-    "sam_adam": {"learning_rate": [3e-3, 1e-2], "weight_decay": [1e-3], "rho": [0.05, 0.2]},
-    "bsam": {"learning_rate": [1.0, 2.0], "weight_decay": [1e-3], "rho": [0.05, 0.1], "n_data_scale": [1, 4, 16]},
+    "sam_sgd": {"learning_rate": [0.1, 0.3, 0.5], "weight_decay": [1e-3], "rho": [0.1, 0.3]},
+    "sam_adam": {"learning_rate": [3e-3, 1e-2, 3e-2], "weight_decay": [1e-3], "rho": [0.05, 0.2, 0.5]},
+    "bsam": {"learning_rate": [1.0, 2.0], "weight_decay": [1e-3], "rho": [0.05, 0.1, 0.2], "n_data_scale": [1, 4, 16]},
   },
 }
 QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
@@ -148,7 +154,7 @@ METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "confidence", "acc_at
 # Post-hoc calibration on the validation split. Logit temperature scaling (Guo et al., 2017) of a point estimate:
 # softmax(logits / τ) with τ from this grid by validation NLL. The posterior temperature of bSAM's model average:
 # θ_j = ω + √T σ z_j (the same z_j for every T) with T from bo.select_temperature's default grid (0 and
-# 2^-10 ... 2^2) by validation NLL; T = 0 is the posterior mean.
+# 2^-10 ... 2^2) by its rule (TEMPERATURE_RULE); T = 0 is the posterior mean.
 LOGIT_TEMPERATURES = tuple(float(t) for t in np.exp(np.linspace(np.log(0.1), np.log(10.0), 61)))
 POSTERIOR_TEMPERATURES = (0.0,) + tuple(2.0**k for k in range(-10, 3))
 # How the posterior temperature is chosen among POSTERIOR_TEMPERATURES: "one_se" (bo.select_temperature's default,
@@ -334,7 +340,7 @@ def make_runner(method: str, setup: Setup, data: app.Dataset, eval_samples_list=
   the mean loss of the last epoch. Post-hoc calibration on the validation
   split: ``"mean_ts"`` (logit temperature scaling of the point estimate, its
   ``"tau"``) and, for bSAM, ``"average_cal"`` (the model average at the
-  posterior temperature ``"temperature"`` with the lowest validation NLL).
+  posterior temperature ``"temperature"`` chosen on validation by ``TEMPERATURE_RULE``).
   """
   model = _model(setup.model, data.num_classes)
   n_train = data.train.y.shape[0]
