@@ -646,6 +646,11 @@ def render(results, info, argv_str):
     "within one standard error of the lowest, the error of the mean paired per-example difference), computed "
     "on device with the same samples",
   }[rule]
+  rule_short = {
+    "min": "the lowest validation NLL",
+    "one_se": "`bo.select_temperature`'s one-standard-error rule on the validation split, as the library and the "
+    "main job choose it",
+  }[rule]
   lines = [
     f"# Accuracy and uncertainty on {dataset} (paper Table 1 / 6 analogue)",
     "",
@@ -662,7 +667,7 @@ def render(results, info, argv_str):
     "Fixed settings: SGD momentum 0.9; Adam β = (0.9, 0.999); bSAM β = (0.9, 0.999), "
     f"γ = {FIXED['damping']}, s₀ = {FIXED['init_scale']}, {n_data}"
     + (f"; bSAM overrides {info['bsam_fixed']}" if info["bsam_fixed"] else "")
-    + ". Grids:",
+    + f". bSAM's posterior temperature T at prediction time (the calibrated rows): {rule_short}. Grids:",
     "",
   ]
   if info.get("selected_from"):
