@@ -572,6 +572,45 @@ def environment() -> str:
 # --------------------------------------------------------------------------- main
 
 
+def confidence_rows(path: str) -> list[str]:
+  """When do the posterior samples help? Every run of a saved ``*_grid.json``, split by its posterior mean's sign.
+
+  For each Bayesian method and model: the runs whose posterior mean is overconfident on the validation split
+  (mean max-probability above accuracy) against the rest; in each group, how often the model average at T = 1
+  (S = 32) has a lower validation / test NLL than the mean, the mean test-NLL gain (mean − average; > 0: the
+  samples help) at T = 1 and at the selected posterior temperature, and how often the selected T is above 0.
+  """
+  with open(path) as f:
+    saved = json.load(f)
+  lines = [
+    "| model | method | posterior mean on validation | runs | avg at T = 1 better: validation NLL | test NLL | "
+    "test NLL gain at T = 1 | at the selected T | T > 0 selected |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for model, per in saved["results"].items():
+    for method, r in per.items():
+      m = r["metrics"]
+      if method not in BAYESIAN or "average_32" not in m:
+        continue
+      mean, avg = m["mean"], m["average_32"]
+      over = (np.asarray(mean["validation"]["confidence"]) - np.asarray(mean["validation"]["accuracy"])).ravel()
+      gain_val = (np.asarray(mean["validation"]["nll"]) - np.asarray(avg["validation"]["nll"])).ravel()
+      gain_test = (np.asarray(mean["test"]["nll"]) - np.asarray(avg["test"]["nll"])).ravel()
+      selected = m.get("average_cal", m["average"])
+      gain_sel = (np.asarray(mean["test"]["nll"]) - np.asarray(selected["test"]["nll"])).ravel()
+      temps = np.asarray(m["temperature"]).ravel() if "temperature" in m else None
+      for name, mask in (("overconfident", over > 0), ("underconfident", over <= 0)):
+        if not mask.any():
+          continue
+        share_t = f"{np.mean(temps[mask] > 0):.0%}" if temps is not None else "—"
+        lines.append(
+          f"| {model} | {LABELS[method]} | {name} | {int(mask.sum())} | {np.mean(gain_val[mask] > 0):.0%} | "
+          f"{np.mean(gain_test[mask] > 0):.0%} | {gain_test[mask].mean():+.4f} | {gain_sel[mask].mean():+.4f} | "
+          f"{share_t} |"
+        )
+  return lines
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny grid, 2 seeds, 5 epochs, MLP only (CI)")
@@ -595,6 +634,12 @@ def parse_args(argv):
   parser.add_argument("--grid", default=None, help="JSON of grids {model: {method: {name: [values]}}} to use instead")
   parser.add_argument("--out", default=None, help="markdown file (default benchmarks/results/uncertainty[_quick].md)")
   parser.add_argument("--from-grid", default=None, help="re-render the tables from a saved *_grid.json, no training")
+  parser.add_argument(
+    "--confidence",
+    default=None,
+    help="print, for a saved *_grid.json, when the posterior samples help: runs split by whether the posterior "
+    "mean is overconfident on validation (no training)",
+  )
   parser.add_argument(
     "--beside",
     default=None,
@@ -742,6 +787,9 @@ def main(argv=None):
   args = parse_args(argv)
   out = args.out or os.path.join(RESULTS, "uncertainty_quick.md" if args.quick else "uncertainty.md")
   stem = os.path.splitext(out)[0]
+  if args.confidence:
+    print("\n".join(confidence_rows(args.confidence)))
+    return
   if args.from_grid:
     with open(args.from_grid) as f:
       saved = json.load(f)

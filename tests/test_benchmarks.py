@@ -232,3 +232,41 @@ def test_uncertainty_posterior_temperature_is_the_library_choice():
       chosen[case, rule] = temps[int(uncertainty.select_posterior_temperature(nlls, rule))]
       assert chosen[case, rule] == t, (case, rule, chosen[case, rule], t)
   assert any(chosen[c, "one_se"] != chosen[c, "min"] for c in range(3)), chosen
+
+
+def test_uncertainty_confidence_rows_split_runs_by_the_means_calibration(tmp_path):
+  # Four runs (2 configs x 2 seeds): the means of runs 0 and 3 are overconfident on validation; the model
+  # average beats the mean on validation NLL in runs 0 and 1, on test NLL in run 0 only.
+  unc = _load("uncertainty")
+  split = lambda v: [v[:2], v[2:]]  # noqa: E731  (configs x seeds)
+  mean = {
+    "validation": {"confidence": split([0.9, 0.6, 0.7, 0.95]), "accuracy": split([0.8] * 4), "nll": split([1.0] * 4)},
+    "test": {"nll": split([1.0] * 4)},
+  }
+  avg = {"validation": {"nll": split([0.9, 0.95, 1.1, 1.2])}, "test": {"nll": split([0.8, 1.1, 1.2, 1.3])}}
+  cal = {"test": {"nll": split([0.8, 1.0, 1.0, 1.0])}}
+  saved = {
+    "results": {
+      "mlp": {
+        "bsam": {
+          "configs": [{}, {}],
+          "metrics": {
+            "mean": mean,
+            "average_32": avg,
+            "average": avg,
+            "average_cal": cal,
+            "temperature": split([1, 0, 0, 0]),
+          },
+        },
+        "sgd": {"configs": [{}], "metrics": {"mean": mean}},  # not Bayesian: no row
+      }
+    }
+  }
+  path = tmp_path / "grid.json"
+  path.write_text(__import__("json").dumps(saved))
+  rows = [r for r in unc.confidence_rows(str(path)) if r.startswith("| mlp")]
+  cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+  assert [c[2:] for c in cells] == [
+    ["overconfident", "2", "50%", "50%", "-0.0500", "+0.1000", "50%"],  # runs 0, 3: gains +0.2, -0.3; at T: +0.2, 0
+    ["underconfident", "2", "50%", "0%", "-0.1500", "+0.0000", "0%"],  # runs 1, 2: gains -0.1, -0.2; at T: 0, 0
+  ]
