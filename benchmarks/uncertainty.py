@@ -277,58 +277,6 @@ def _nll_of_log_probs(log_probs, labels):
   return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
 
 
-def select_posterior_temperature(per_example_nll, rule=TEMPERATURE_RULE):
-  """Index of the posterior temperature chosen from per-example validation NLLs, jit-able.
-
-  ``bo.select_temperature``'s rule on device: ``per_example_nll`` has shape
-  ``(num_temperatures, n)`` with the candidates in increasing order (T = 0
-  first). ``best`` is the candidate with the lowest mean NLL (ties: the
-  smaller T); with ``rule="one_se"`` the smallest T whose paired difference
-  ``d_i = nll_T(i) − nll_best(i)`` has ``mean(d) <= std(d) / sqrt(n)`` wins,
-  with ``rule="min"`` ``best`` itself. Candidates whose mean is not finite are
-  never chosen (all of them: index 0, the posterior mean).
-  """
-  means = jnp.mean(per_example_nll, axis=1)
-  finite = jnp.isfinite(means)
-  best = jnp.argmin(jnp.where(finite, means, jnp.inf))
-  if rule == "min":
-    return jnp.where(jnp.any(finite), best, 0)
-  if rule != "one_se":
-    raise ValueError(f"rule must be 'one_se' or 'min', got {rule!r}")
-  d = per_example_nll - per_example_nll[best]
-  within = finite & (jnp.mean(d, axis=1) <= jnp.std(d, axis=1) / math.sqrt(d.shape[1]))
-  return jnp.where(jnp.any(within), jnp.argmax(within), jnp.where(jnp.any(finite), best, 0))
-
-
-def posterior_temperature_nlls(apply_fn, key, params, opt_state, inputs, labels, num_samples, temperatures):
-  """Per-example NLLs ``(len(temperatures), n)`` of the model average at each T, the same samples for every T.
-
-  As ``bo.select_temperature`` computes them: T = 0 is the posterior mean's
-  prediction; for T > 0 the log of ``1/S Σ_j softmax(apply_fn(ω + √T σ z_j, x))``
-  by a log-sum-exp over the ``num_samples`` draws of
-  ``bo.sample_posterior(key, ...)`` (evaluated 8 at a time).
-  """
-  chunk = math.gcd(num_samples, 8)
-
-  def per_example(log_probs):
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-
-  def at(t):
-    thetas = bo.sample_posterior(key, params, opt_state, num_samples, temperature=t)
-    thetas = jax.tree.map(lambda a: a.reshape((num_samples // chunk, chunk) + a.shape[1:]), thetas)
-
-    def chunk_logsumexp(chunk_thetas):
-      log_probs = jax.vmap(lambda theta: jax.nn.log_softmax(apply_fn(theta, inputs)))(chunk_thetas)
-      return jax.nn.logsumexp(log_probs, axis=0)
-
-    per_chunk = jax.lax.map(chunk_logsumexp, thetas)
-    return per_example(jax.nn.logsumexp(per_chunk, axis=0) - math.log(num_samples))
-
-  temps = jnp.asarray(temperatures[1:], jnp.float32)
-  mean = per_example(jax.nn.log_softmax(apply_fn(params, inputs)))
-  return jnp.concatenate([mean[None], jax.lax.map(at, temps)])
-
-
 def make_runner(method: str, setup: Setup, data: app.Dataset, eval_samples_list=None):
   """A compiled ``runs(hps, seeds) -> metrics``, vmapped over runs.
 
@@ -399,14 +347,15 @@ def make_runner(method: str, setup: Setup, data: app.Dataset, eval_samples_list=
       out[f"average_{s}"] = evaluate(probs)
     if bayesian:
       out["average"] = out[f"average_{setup.eval_samples}"]
-      # The posterior temperature: bo.select_temperature's rule on device (it syncs with the host, so it cannot
-      # run inside this vmap), the same samples (eval_key) for every T and for the test predictions below.
+      # The posterior temperature: bo.select_temperature's computation on device (bo.tempered_nlls and
+      # bo.choose_temperature: select_temperature itself syncs with the host, so it cannot run inside this vmap),
+      # the same samples (eval_key) for every T and for the test predictions below.
       s, chunk = setup.eval_samples, math.gcd(setup.eval_samples, 8)
-      nlls = posterior_temperature_nlls(
-        apply_fn, eval_key, params, opt_state, data.validation.x, data.validation.y, s, POSTERIOR_TEMPERATURES
-      )
-      index = select_posterior_temperature(nlls)
-      out["temperature"] = jnp.asarray(POSTERIOR_TEMPERATURES, jnp.float32)[index]
+      candidates, nlls = bo.tempered_nlls(
+        apply_fn, eval_key, params, opt_state, data.validation.x, data.validation.y,
+        temperatures=POSTERIOR_TEMPERATURES, num_samples=s, chunk_size=chunk,
+      )  # fmt: skip
+      out["temperature"] = bo.choose_temperature(candidates, nlls, rule=TEMPERATURE_RULE)
       probs = bo.predictive(
         apply_fn, eval_key, params, opt_state, inputs, s, chunk_size=chunk, temperature=out["temperature"]
       )

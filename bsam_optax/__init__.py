@@ -26,12 +26,14 @@ from bsam_optax._mfvi import mfvi_step
 from bsam_optax._mfvi import scale_by_mfvi
 from bsam_optax._noise import hash_prng_impl
 from bsam_optax._posterior import PosteriorSummary
+from bsam_optax._posterior import choose_temperature
 from bsam_optax._posterior import find_posterior_state
 from bsam_optax._posterior import posterior
 from bsam_optax._posterior import posterior_diagnostics
 from bsam_optax._posterior import predictive
 from bsam_optax._posterior import sample_posterior
 from bsam_optax._posterior import select_temperature
+from bsam_optax._posterior import tempered_nlls
 from bsam_optax._sam import asam_perturbed_params
 from bsam_optax._sam import asam_rule
 from bsam_optax._sam import asam_step
@@ -75,6 +77,7 @@ __all__ = [
   "bsam_rule",
   "bsam_step",
   "choose_split",
+  "choose_temperature",
   "find_bsam_state",
   "find_posterior_state",
   "fisher_sam_perturbed_params",
@@ -107,6 +110,7 @@ __all__ = [
   "scale_by_mfvi",
   "scale_by_vsam",
   "select_temperature",
+  "tempered_nlls",
   "vsam",
   "vsam_perturbation",
   "vsam_perturbed_params",

@@ -35,6 +35,7 @@ from bsam_optax._checks import check_count
 
 __all__ = [
   "PosteriorSummary",
+  "choose_temperature",
   "find_posterior_state",
   "gaussian_params",
   "posterior",
@@ -42,6 +43,7 @@ __all__ = [
   "predictive",
   "sample_posterior",
   "select_temperature",
+  "tempered_nlls",
 ]
 
 Params = Any
@@ -269,26 +271,176 @@ def predictive(
   return jnp.mean(_over_chunks(chunk_mean, num_samples, chunk_size), axis=0)
 
 
-def _check_inputs_labels(inputs, labels) -> np.ndarray:
+def _check_inputs_labels(inputs, labels) -> jax.Array:
+  # Shapes and dtypes only, so that it also checks tracers (tempered_nlls under jit or vmap).
   leaves = jax.tree.leaves(inputs)
   if not leaves:
     raise ValueError("inputs must hold at least one array, got an empty pytree")
   if labels is None or isinstance(labels, (str, bytes)):
     raise TypeError(f"labels must be an array of integer class indices, got {labels!r}")
-  labels = np.asarray(labels)
+  labels = labels if isinstance(labels, jax.Array) else np.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"labels must be 1-D (n,), got shape {labels.shape}")
-  if not np.issubdtype(labels.dtype, np.integer):
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
   if labels.shape[0] == 0:
-    raise ValueError("labels must not be empty: select_temperature needs held-out examples")
+    raise ValueError("labels must not be empty: choosing a temperature needs held-out examples")
   for leaf in leaves:
     if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != labels.shape[0]:
       raise ValueError(
         f"inputs and labels must have the same number of examples (leading axis), "
         f"got inputs shape {jnp.shape(leaf)} and labels shape {labels.shape}"
       )
-  return labels
+  return jnp.asarray(labels)
+
+
+def _candidates(temperatures) -> tuple[float, ...]:
+  if temperatures is None:
+    return DEFAULT_TEMPERATURES
+  if isinstance(temperatures, (int, float, str, bytes)) or not isinstance(
+    temperatures, Sequence | np.ndarray | jax.Array
+  ):
+    raise TypeError(f"temperatures must be a sequence of numbers, got {temperatures!r}")
+  for t in temperatures:
+    _check_temperature(t, "temperatures")
+  return (0.0, *sorted({float(t) for t in temperatures} - {0.0}))
+
+
+def _check_rule(rule) -> None:
+  if rule not in ("one_se", "min"):
+    raise ValueError(f"rule must be 'one_se' or 'min', got {rule!r}")
+
+
+def _check_table_args(apply_fn, params, inputs, labels, temperatures, num_samples, chunk_size):
+  """``(candidates, chunk_size, labels)`` after checking the arguments of :func:`tempered_nlls`."""
+  _check_num_samples(num_samples)
+  chunk_size = _check_chunk_size(chunk_size, num_samples)
+  labels = _check_inputs_labels(inputs, labels)
+  candidates = _candidates(temperatures)
+  logits_shape = jax.eval_shape(apply_fn, params, inputs).shape
+  if len(logits_shape) != 2 or logits_shape[0] != labels.shape[0]:
+    raise ValueError(
+      f"apply_fn must return logits of shape (n, num_classes) = ({labels.shape[0]}, k), got {logits_shape}"
+    )
+  num_classes = logits_shape[1]
+  if not isinstance(labels, jax.core.Tracer):  # concrete (also inside a trace, as a constant): check on the host
+    low, high = int(np.min(np.asarray(labels))), int(np.max(np.asarray(labels)))
+    if low < 0 or high >= num_classes:
+      raise ValueError(f"labels must be in [0, {num_classes}), got values in [{low}, {high}]")
+  return candidates, chunk_size, labels
+
+
+def tempered_nlls(
+  apply_fn: Callable[[Any, Any], jax.Array],
+  key: jax.Array,
+  params,
+  opt_state,
+  inputs,
+  labels,
+  *,
+  temperatures: Sequence[float] | None = None,
+  num_samples: int = 32,
+  chunk_size: int | None = None,
+) -> tuple[tuple[float, ...], jax.Array]:
+  """The model average's per-example NLL at every candidate temperature: what :func:`select_temperature` compares.
+
+  Row ``k`` holds ``-log p_T(y_i | x_i)`` for ``T = candidates[k]``, with
+  ``p_T(y | x) = 1/S Σ_j softmax(apply_fn(ω + √T σ z_j, x))`` and the *same*
+  ``z_j`` (those of :func:`predictive` with ``key``) for every T; row 0 is
+  T = 0, the posterior mean's own prediction. Nothing here syncs with the
+  host: ``params``, ``opt_state``, ``inputs``, ``labels`` and ``key`` may be
+  traced, so it runs inside ``jax.jit`` and ``jax.vmap`` (e.g. over the runs
+  of a hyper-parameter grid); the candidates are static. With
+  :func:`choose_temperature` it is :func:`select_temperature` on device.
+
+  Args:
+    apply_fn: ``apply_fn(params, inputs) -> logits``, shape ``(n, num_classes)``.
+    key: a PRNG key; use the same one for :func:`predictive` to reuse the samples.
+    params: ω, the posterior mean.
+    opt_state: an optax state holding one Gaussian posterior (e.g. of :func:`~bsam_optax.bsam`).
+    inputs: the held-out inputs (any pytree whose leaves have a leading axis n).
+    labels: integer class indices in ``[0, num_classes)``, shape ``(n,)``
+      (their range is checked when they are concrete).
+    temperatures: the candidates, numbers >= 0 (0 is added if missing);
+      ``None`` for 0 and the powers of two ``2^-10 ... 2^2``.
+    num_samples: S, the samples per temperature.
+    chunk_size: how many samples to evaluate at once (as in :func:`predictive`).
+
+  Returns:
+    ``(candidates, nlls)``: the temperatures in increasing order, 0 first,
+    and the per-example NLLs, shape ``(len(candidates), n)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, bsam_optax as bo
+    >>> params = {"w": jnp.array([[1.0, -1.0], [-1.0, 1.0]])}
+    >>> state = bo.bsam(0.1, n_data=10).init(params)
+    >>> x, y = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2]]), jnp.array([0, 1, 1])
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> candidates, nlls = bo.tempered_nlls(apply_fn, jax.random.key(0), params, state, x, y, temperatures=[0.5, 1])
+    >>> candidates, nlls.shape
+    ((0.0, 0.5, 1.0), (3, 3))
+    >>> float(bo.choose_temperature(candidates, nlls)) in candidates
+    True
+  """
+  candidates, chunk_size, labels = _check_table_args(
+    apply_fn, params, inputs, labels, temperatures, num_samples, chunk_size
+  )
+
+  def nll(log_probs):  # per example
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+  def at(t):
+    def chunk_logsumexp(indices):
+      thetas = _sample(key, params, opt_state, indices, t)
+      log_probs = jax.vmap(lambda theta: jax.nn.log_softmax(apply_fn(theta, inputs)))(thetas)
+      return jax.nn.logsumexp(log_probs, axis=0)
+
+    per_chunk = _over_chunks(chunk_logsumexp, num_samples, chunk_size)
+    return nll(jax.nn.logsumexp(per_chunk, axis=0) - math.log(num_samples))
+
+  rows = [nll(jax.nn.log_softmax(apply_fn(params, inputs)))[None]]
+  if len(candidates) > 1:
+    rows.append(jax.lax.map(at, jnp.asarray(candidates[1:], jnp.float32)))
+  return candidates, jnp.concatenate(rows)
+
+
+def choose_temperature(candidates: Sequence[float], nlls: jax.Array, *, rule: str = "one_se") -> jax.Array:
+  """:func:`select_temperature`'s rule on a table of per-example NLLs; traceable (``jit``, ``vmap``).
+
+  ``best`` is the candidate with the lowest mean NLL (ties: the smaller T).
+  With ``rule="min"`` it wins; with ``rule="one_se"`` (Breiman's
+  one-standard-error rule) the smallest T whose paired differences
+  ``d_i = nlls[k, i] − nlls[best, i]`` have ``mean(d) <= std(d) / √n`` wins.
+  Candidates whose mean NLL is not finite are never chosen; if none is finite,
+  T = 0.
+
+  Args:
+    candidates: the temperatures, increasing (as :func:`tempered_nlls` returns them).
+    nlls: per-example NLLs, shape ``(len(candidates), n)``.
+    rule: ``"one_se"`` or ``"min"``.
+
+  Returns:
+    The chosen T, a float32 scalar array.
+  """
+  _check_rule(rule)
+  temps = np.asarray(candidates, np.float32)
+  if temps.ndim != 1 or jnp.ndim(nlls) != 2 or jnp.shape(nlls)[0] != temps.shape[0]:
+    raise ValueError(f"nlls must have shape (len(candidates), n) = ({temps.shape[0]}, n), got {jnp.shape(nlls)}")
+  if np.any(np.diff(temps) <= 0):
+    raise ValueError(f"candidates must be increasing, got {tuple(candidates)}")
+  return jnp.asarray(temps)[_choice(nlls, rule)]
+
+
+def _choice(nlls: jax.Array, rule: str) -> jax.Array:
+  # The index choose_temperature picks (0 when no candidate's mean NLL is finite).
+  means = jnp.mean(nlls, axis=1)
+  finite = jnp.isfinite(means)
+  best = jnp.argmin(jnp.where(finite, means, jnp.inf))
+  if rule == "one_se":
+    d = nlls - nlls[best]
+    within = finite & (jnp.mean(d, axis=1) <= jnp.std(d, axis=1) / math.sqrt(jnp.shape(nlls)[1]))
+    best = jnp.where(jnp.any(within), jnp.argmax(within), best)
+  return jnp.where(jnp.any(finite), best, 0)
 
 
 def select_temperature(
@@ -321,7 +473,8 @@ def select_temperature(
 
   Call it after training, with a validation split, then predict with
   ``predictive(..., temperature=T)``. It syncs with the host (it returns
-  Python numbers).
+  Python numbers); :func:`tempered_nlls` and :func:`choose_temperature` are
+  the same computation for use inside ``jit`` or ``vmap``.
 
   Args:
     apply_fn: ``apply_fn(params, inputs) -> logits``, shape ``(n, num_classes)``.
@@ -352,63 +505,21 @@ def select_temperature(
     Wenzel et al., `How Good is the Bayes Posterior in Deep Neural Networks
     Really? <https://arxiv.org/abs/2002.02405>`_, ICML 2020 (tempered posteriors).
   """
-  _check_num_samples(num_samples)
-  chunk_size = _check_chunk_size(chunk_size, num_samples)
-  if rule not in ("one_se", "min"):
-    raise ValueError(f"rule must be 'one_se' or 'min', got {rule!r}")
-  labels = _check_inputs_labels(inputs, labels)
-  if temperatures is None:
-    temperatures = DEFAULT_TEMPERATURES
-  if isinstance(temperatures, (int, float, str, bytes)) or not isinstance(
-    temperatures, Sequence | np.ndarray | jax.Array
-  ):
-    raise TypeError(f"temperatures must be a sequence of numbers, got {temperatures!r}")
-  for t in temperatures:
-    _check_temperature(t, "temperatures")
-  candidates = [0.0] + sorted({float(t) for t in temperatures} - {0.0})
-  logits_shape = jax.eval_shape(apply_fn, params, inputs).shape
-  if len(logits_shape) != 2 or logits_shape[0] != labels.shape[0]:
-    raise ValueError(
-      f"apply_fn must return logits of shape (n, num_classes) = ({labels.shape[0]}, k), got {logits_shape}"
-    )
-  num_classes = logits_shape[1]
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"labels must be in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
-  labels = jnp.asarray(labels)
-
-  def nll(log_probs):  # per example
-    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  _check_rule(rule)
+  candidates, chunk_size, labels = _check_table_args(
+    apply_fn, params, inputs, labels, temperatures, num_samples, chunk_size
+  )
 
   @jax.jit
-  def tempered_nlls(params, opt_state, inputs, temps):
-    def one(t):
-      def chunk_logsumexp(indices):
-        thetas = _sample(key, params, opt_state, indices, t)
-        log_probs = jax.vmap(lambda theta: jax.nn.log_softmax(apply_fn(theta, inputs)))(thetas)
-        return jax.nn.logsumexp(log_probs, axis=0)
+  def choose(key, params, opt_state, inputs, labels):
+    _, nlls = tempered_nlls(
+      apply_fn, key, params, opt_state, inputs, labels, temperatures=candidates, num_samples=num_samples,
+      chunk_size=chunk_size,
+    )  # fmt: skip
+    return _choice(nlls, rule), jnp.mean(nlls, axis=1)
 
-      per_chunk = _over_chunks(chunk_logsumexp, num_samples, chunk_size)
-      return nll(jax.nn.logsumexp(per_chunk, axis=0) - math.log(num_samples))
-
-    return jax.lax.map(one, temps)
-
-  mean_nll = jax.jit(lambda params, inputs: nll(jax.nn.log_softmax(apply_fn(params, inputs))))(params, inputs)
-  per_example = [np.asarray(mean_nll, np.float64)]
-  if len(candidates) > 1:
-    tempered = tempered_nlls(params, opt_state, inputs, jnp.asarray(candidates[1:], jnp.float32))
-    per_example += list(np.asarray(tempered, np.float64))
-  table = {t: float(np.mean(v)) for t, v in zip(candidates, per_example, strict=True)}
-  finite = [i for i, t in enumerate(candidates) if math.isfinite(table[t])]
-  if not finite:
-    return 0.0, table
-  best = min(finite, key=lambda i: (table[candidates[i]], i))
-  if rule == "min":
-    return candidates[best], table
-  for i in finite:  # the smallest T within one standard error of the best
-    d = per_example[i] - per_example[best]
-    if np.mean(d) <= np.std(d) / math.sqrt(d.size):
-      return candidates[i], table
-  return candidates[best], table
+  index, means = choose(key, params, opt_state, inputs, labels)
+  return candidates[int(index)], {t: float(m) for t, m in zip(candidates, np.asarray(means), strict=True)}
 
 
 class PosteriorSummary(NamedTuple):

@@ -259,6 +259,52 @@ def test_select_temperature_one_se_is_the_smallest_t_within_one_standard_error_o
     bo.select_temperature(_apply, key, params, state, x, labels, rule="best")
 
 
+def test_tempered_nlls_and_choose_temperature_are_select_temperature_under_jit_and_vmap():
+  """The traceable pair, vmapped over three posteriors (runs of a grid) inside one jit, gives select_temperature's T."""
+  key, params, state, x, labels = _classification_problem(0.25, num_examples=300)
+  temperatures = [0.0, 1 / 16, 0.25, 1.0, 4.0]
+  scales = jnp.array([0.5, 1.0, 2.0])  # underconfident, as generated, overconfident: different choices
+
+  def runs(scales, labels, rule):
+    def one(c):
+      p = jax.tree.map(lambda w: c * w, params)
+      candidates, nlls = bo.tempered_nlls(
+        _apply, key, p, state, x, labels, temperatures=temperatures, num_samples=8, chunk_size=4
+      )
+      assert candidates == tuple(temperatures)
+      return bo.choose_temperature(candidates, nlls, rule=rule), jnp.mean(nlls, axis=1)
+
+    return jax.vmap(one)(scales)
+
+  jitted = jax.jit(runs, static_argnums=2)
+  chosen = {}
+  for rule in ("one_se", "min"):
+    got, means = jitted(scales, labels, rule)  # labels traced: no host sync anywhere
+    for k, c in enumerate(scales):
+      p = jax.tree.map(lambda w, c=c: c * w, params)
+      t, table = bo.select_temperature(
+        _apply, key, p, state, x, labels, temperatures=temperatures, num_samples=8, rule=rule
+      )
+      assert float(got[k]) == t, (rule, float(c), table)
+      np.testing.assert_allclose(means[k], [table[t] for t in temperatures], rtol=1e-5)
+      chosen[rule, k] = t
+  assert len({chosen["one_se", k] for k in range(3)}) > 1, chosen
+
+
+def test_choose_temperature_edge_cases_and_errors():
+  candidates = (0.0, 0.5, 1.0)
+  nlls = jnp.array([[1.0, 1.0, 1.0, 1.0], [0.5, 0.6, 0.5, 0.6], [jnp.nan, 0.1, 0.1, 0.1]])
+  assert float(bo.choose_temperature(candidates, nlls, rule="min")) == 0.5  # a non-finite mean is never chosen
+  assert float(bo.choose_temperature(candidates, jnp.full((3, 4), jnp.inf))) == 0.0  # none finite: the mean
+  assert float(bo.choose_temperature(candidates, nlls[:1].repeat(3, axis=0))) == 0.0  # a tie: the smallest T
+  with pytest.raises(ValueError, match="rule"):
+    bo.choose_temperature(candidates, nlls, rule="best")
+  with pytest.raises(ValueError, match="nlls must have shape"):
+    bo.choose_temperature(candidates, nlls[:2])
+  with pytest.raises(ValueError, match="increasing"):
+    bo.choose_temperature((0.0, 1.0, 0.5), nlls)
+
+
 @pytest.mark.parametrize(
   "temperature,error",
   [
