@@ -635,7 +635,18 @@ def make_train_step(
       replace["batch_stats"] = running if new_stats is None else new_stats
     return state.replace(**replace), info
 
-  compiled = step if axis_name is not None and mesh is None else jax.jit(step, donate_argnums=(0,) if donate else ())
+  def typed_step(state, batch, key, state_type):
+    del state_type  # only a part of the compilation cache's key, see below
+    return step(state, batch, key)
+
+  # JAX compares the tree structures of two states whose classes have the same fields (ours and a Flax TrainState
+  # subclass with batch_stats, say) as equal while hashing them apart, so jit's cache could hand one class's
+  # compilation, and with it its output class, to the other now and then. The class as a static argument keeps
+  # them apart.
+  if axis_name is not None and mesh is None:
+    compiled = typed_step
+  else:
+    compiled = jax.jit(typed_step, static_argnums=(3,), donate_argnums=(0,) if donate else ())
   checked: list[bool] = []
 
   @functools.wraps(step)
@@ -645,7 +656,7 @@ def make_train_step(
     if not checked:
       _check_n_data(state.opt_state, batch)
       checked.append(True)
-    return compiled(state, batch, key)
+    return compiled(state, batch, key, type(state))
 
   return checked_step
 

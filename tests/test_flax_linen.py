@@ -295,6 +295,17 @@ def test_flax_train_state_with_batch_stats_is_accepted():
   assert isinstance(b, FlaxTrainState)
   _assert_trees_equal(a.params, b.params)
   _assert_trees_equal(a.batch_stats, b.batch_stats)
+  # JAX compares these two states' tree structures as equal (while hashing them apart), so without the class in
+  # the step's cache key a compilation for one class could now and then return the other class (this test was
+  # flaky for that reason). Several classes with the same fields, alternating: each gets its own class back.
+  classes = [
+    type(f"FlaxTrainState{i}", (train_state.TrainState,), {"__annotations__": {"batch_stats": Any}}) for i in range(4)
+  ]
+  for cls in classes + [TrainState] + classes[::-1]:
+    state = ours if cls is TrainState else cls.create(
+      apply_fn=ours.apply_fn, params=ours.params, batch_stats=ours.batch_stats, tx=TX
+    )  # fmt: skip
+    assert type(STEPS["both"](state, _data(), jax.random.key(3))[0]) is cls
 
 
 def test_mistakes_get_errors_that_say_what_to_do():
