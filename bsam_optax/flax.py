@@ -1038,13 +1038,20 @@ def nnx_sample_posterior(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.A
   return bo.sample_posterior(key, params, opt_state, num_samples, **kwargs)
 
 
-def _nnx_apply(graphdef, rest, batch_stats, bn_inputs):
+def _nnx_builder(graphdef, rest):
+  """``build(params, stats=None)``: the NNX model of ``graphdef`` with ``params``, ``rest`` and BatchNorm ``stats``."""
+
   def build(params, stats=None):
     model = nnx.merge(graphdef, params, rest)
     if stats is not None:
       nnx.update(model, stats)
     return model
 
+  return build
+
+
+def _nnx_apply(graphdef, rest, batch_stats, bn_inputs):
+  build = _nnx_builder(graphdef, rest)
   if batch_stats == "mean":
 
     def apply(params, x):
@@ -1080,13 +1087,7 @@ def _nnx_batch_stats(build, params, bn_inputs):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _nnx_recomputed_stats(graphdef, params, rest, bn_inputs):
-  def build(p, stats=None):
-    model = nnx.merge(graphdef, p, rest)
-    if stats is not None:
-      nnx.update(model, stats)
-    return model
-
-  return _nnx_batch_stats(build, params, bn_inputs)
+  return _nnx_batch_stats(_nnx_builder(graphdef, rest), params, bn_inputs)
 
 
 def nnx_recompute_batch_stats(model: nnx.Module, bn_inputs) -> None:
